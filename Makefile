@@ -1,0 +1,57 @@
+# fvl: every target does its own set-up (venv + install) first, so a fresh clone needs one command.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel that lies on disk on our machines; override for a CUDA build, e.g. TORCH="torch==2.13.0+cu130".
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.fvl-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui clean
+
+help:
+	@echo "make test       set up .venv, install fvl, run the test suite"
+	@echo "make pretrain   stage 1 on the tiny preset (ARGS='key=value ...' overrides)"
+	@echo "make finetune   stage 2 from the latest pretrain checkpoint (CKPT=path to choose one)"
+	@echo "make lint       ruff"
+
+setup: $(STAMP)
+
+# Torch first, then everything else under a constraint that keeps that exact torch.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fvl tests
+	$(VENV)/bin/ruff format --check fvl tests
+
+pretrain: $(STAMP)
+	$(VENV)/bin/fvl train experiments/pretrain.yaml $(ARGS)
+
+finetune: $(STAMP)
+	$(VENV)/bin/fvl train experiments/finetune.yaml $(if $(CKPT),init_from=$(CKPT)) $(ARGS)
+
+sweep: $(STAMP)
+	$(VENV)/bin/fvl sweep $(SWEEP) $(ARGS)
+
+eval: $(STAMP)
+	$(VENV)/bin/fvl eval $(CKPT) $(ARGS)
+
+shards: $(STAMP)
+	$(VENV)/bin/fvl shards build $(RECIPE) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m fvl.bench $(ARGS)
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,186 @@
+"""Typed schema of ``model:`` in an experiment YAML. The docstrings are the reference for every key.
+
+OmegaConf merges YAML onto these dataclasses, so an unknown key or a wrong type fails on load with the key's
+full name; ``__post_init__`` checks the values that types cannot (enums, consistency), also on load.
+Lists (``prompts``, ``features``, ``layers``) are replaced, not merged, by a later YAML or override.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+INITS = ("pretrained", "random")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+
+
+@dataclass
+class PromptConfig:
+    """One Florence-2 prompt whose encoder output becomes a named feature.
+
+    name: the feature's name (used by ``fusion.features``), e.g. ``caption``.
+    text: a Florence-2 task token (``<OCR>``, expanded the way Florence-2 itself does) or free text.
+    """
+
+    name: str = "caption"
+    text: str = "<DETAILED_CAPTION>"
+
+
+def _paper_prompts() -> list[PromptConfig]:
+    # The three prompts of the paper, named as the fusion configs refer to them.
+    return [
+        PromptConfig("caption", "<DETAILED_CAPTION>"),
+        PromptConfig("ocr", "<OCR>"),
+        PromptConfig("grounding", "<DENSE_REGION_CAPTION>"),
+    ]
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower.
+
+    name: registry key: ``florence2`` | ``clip`` | ``siglip``.
+    init: ``pretrained`` loads ``path`` (a local folder); ``random`` builds ``arch`` with random weights.
+    path: local folder of a pretrained checkpoint (Florence-2 in transformers' native format).
+    tokenizer_path: florence2: folder of its tokenizer (defaults to ``path``; the built-in tiny one for random init).
+    arch: keyword arguments of the transformers config used for random init (ignored when pretrained).
+    image_size: square input resolution in pixels (768 for Florence-2).
+    prompts: florence2: the prompts whose encoder outputs become named features (default: the paper's three).
+    keep_pooled_token: florence2: keep the mean-pooled token transformers adds (577 tokens at 768 px, not 576).
+    layers: clip/siglip: hidden-state indices exposed as features named ``layer_{i}`` (LLaVA-1.5 uses -2).
+    dtype: parameter dtype of the tower.
+    """
+
+    name: str = "florence2"
+    init: str = "random"
+    path: str | None = None
+    tokenizer_path: str | None = None
+    arch: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 768
+    prompts: list[PromptConfig] = field(default_factory=_paper_prompts)
+    keep_pooled_token: bool = False
+    layers: list[int] = field(default_factory=lambda: [-2])
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.init, INITS, "model.vision.init")
+        _check_choice(self.dtype, DTYPES, "model.vision.dtype")
+        names = [p.name for p in self.prompts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model.vision.prompts: duplicate names {names}")
+        if "davit" in names:
+            raise ValueError("model.vision.prompts: 'davit' is reserved for the projected DaViT tokens")
+        if self.image_size <= 0:
+            raise ValueError(f"model.vision.image_size must be positive, got {self.image_size}")
+
+
+@dataclass
+class FusionConfig:
+    """How the named vision features become one token sequence.
+
+    name: ``dbfusion`` (channel concat, the paper's) | ``token_concat`` (sequence concat) | ``avg_pool``
+      (element-wise mean) | ``single_layer`` (one feature alone).
+    features: names of the features to fuse, in order (``davit`` and the prompt names for florence2,
+      ``layer_{i}`` for clip/siglip). Leave-one-out ablations are lists with one name fewer.
+    """
+
+    name: str = "dbfusion"
+    features: list[str] = field(default_factory=lambda: ["davit", "caption", "ocr", "grounding"])
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            raise ValueError("model.fusion.features must name at least one feature")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"model.fusion.features has duplicates: {list(self.features)}")
+        if self.name == "single_layer" and len(self.features) != 1:
+            raise ValueError(
+                f"model.fusion: single_layer takes exactly one feature, got {list(self.features)}"
+            )
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps fused vision features to the LLM's embedding width.
+
+    name: ``mlp{N}x_gelu`` (N linear layers with GELU between; the paper's ``mlp3x_gelu``) | ``linear``.
+    hidden_dim: width of the MLP's hidden layers (default: the LLM's hidden size, as in the paper).
+    """
+
+    name: str = "mlp3x_gelu"
+    hidden_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        from fvl.models.projector import known_projector  # late: the registry imports this module
+
+        if not known_projector(self.name):
+            raise ValueError(
+                f"model.projector.name={self.name!r}: expected mlp{{N}}x_gelu or a registered projector"
+            )
+
+
+@dataclass
+class LLMConfig:
+    """The causal language model (any transformers ``AutoModelForCausalLM``).
+
+    init: ``pretrained`` loads ``path`` (a local folder); ``random`` builds ``arch`` with random weights.
+    path: local folder of the LLM (e.g. Phi-3.5-mini-instruct).
+    arch: random init: transformers config kwargs, with ``model_type`` (e.g. ``phi3``, ``llama``).
+      ``vocab_size`` defaults to the tokenizer's size; special token ids always come from the tokenizer.
+    dtype: parameter dtype.
+    attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2``.
+    gradient_checkpointing: recompute LLM activations in backward to save memory.
+    """
+
+    init: str = "random"
+    path: str | None = None
+    arch: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice(self.init, INITS, "model.llm.init")
+        _check_choice(self.dtype, DTYPES, "model.llm.dtype")
+        if self.init == "random" and "model_type" not in self.arch and self.arch:
+            raise ValueError("model.llm.arch needs a model_type (e.g. phi3, llama) for random init")
+
+
+@dataclass
+class TextConfig:
+    """Tokenizer and chat template.
+
+    tokenizer_path: the LLM tokenizer's folder (default: ``llm.path``; the built-in tiny one for random init).
+    image_token: the placeholder added to the tokenizer; each occurrence in a prompt becomes one image.
+    template: ``plain`` (stage 1 captions) | ``phi3`` | ``llama3``.
+    max_length: longest tokenized sample; a longer one is truncated only if supervision survives.
+    """
+
+    tokenizer_path: str | None = None
+    image_token: str = "<image>"
+    template: str = "phi3"
+    max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_choice(self.template, ("plain", "phi3", "llama3"), "model.text.template")
+        if self.max_length <= 0:
+            raise ValueError("model.text.max_length must be positive")
+
+
+@dataclass
+class ModelConfig:
+    """The composed Florence-VL model: vision tower -> fusion -> projector -> LLM.
+
+    preset: informational name of the preset this config came from (logged as a tag).
+    """
+
+    preset: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    text: TextConfig = field(default_factory=TextConfig)

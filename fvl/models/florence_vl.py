@@ -1,0 +1,180 @@
+"""The composed model: vision tower -> fusion -> projector -> causal LM.
+
+Images enter the text as placeholder ids (the tokenizer's image token, expanded by the chat template to
+``num_image_tokens`` ids per image). ``embed`` checks that the placeholder count equals images x tokens
+and then scatters the projected features into the LLM's input embeddings in order (row-major over the
+batch), so several images per sample and text-only samples need no special path.
+
+Module names are the checkpoint key prefixes: ``vision.*``, ``fusion.*``, ``projector.*``, ``llm.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fvl.data.image import preprocess_image
+from fvl.models.config import ModelConfig
+from fvl.models.fusion import build_fusion
+from fvl.models.llm import build_llm, llm_tokenizer_path
+from fvl.models.projector import build_projector
+from fvl.models.vision import build_vision_tower
+from fvl.text import get_template, load_tokenizer
+from fvl.text.templates import TemplateError
+
+COMPONENTS = ("vision", "fusion", "projector", "llm")
+
+
+class ImageTokenMismatch(ValueError):
+    """The input ids hold a different number of image placeholders than the images supplied need."""
+
+
+ImageInput = Image.Image | torch.Tensor | None
+
+
+class FlorenceVL(nn.Module):
+    """A Florence-VL model built from a ``ModelConfig`` (see ``fvl.models.build_model``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(
+            llm_tokenizer_path(cfg.text.tokenizer_path, cfg.llm), cfg.text.image_token
+        )
+        self.template = get_template(cfg.text.template)
+        self.vision = build_vision_tower(cfg.vision)
+        names = list(cfg.fusion.features)
+        self.vision.check_names(names)
+        self.fusion = build_fusion(
+            cfg.fusion, {n: self.vision.feature_dim(n) for n in names}, self.vision.num_tokens
+        )
+        self.llm = build_llm(cfg.llm, self.tokenizer)
+        d_llm = self.llm.get_input_embeddings().embedding_dim
+        self.projector = build_projector(cfg.projector, self.fusion.output_dim, d_llm)
+        self.projector.to(self.llm.dtype)
+        self.image_token_id: int = self.tokenizer.image_token_id
+
+    # ---- sizes -------------------------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM tokens per image after fusion (576 for DBFusion at 768 px, k x 576 for token concat)."""
+        return self.fusion.output_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.get_input_embeddings().embedding_dim
+
+    # ---- vision -> LLM embeddings --------------------------------------------------------------------------
+    def vision_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.vision.parameters())
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B, num_image_tokens, d_llm]``. The tower runs without autograd only when
+        none of its parameters train (a frozen tower), never when a stage trains it."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
+            features = self.vision.features(pixel_values, self.fusion.names)
+        fused = self.fusion(features)
+        first = next(self.projector.parameters())
+        return self.projector(fused.to(first.dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """LLM input embeddings with image features merged at the placeholder positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        n_placeholders = int(mask.sum())
+        if n_placeholders != n_images * self.num_image_tokens:
+            raise ImageTokenMismatch(
+                f"{n_placeholders} image placeholder tokens in the batch but {n_images} image(s) x "
+                f"{self.num_image_tokens} tokens = {n_images * self.num_image_tokens} features: tokenise "
+                "prompts with the model's template (each image placeholder is expanded to num_image_tokens)"
+            )
+        if n_images:
+            image_embeds = self.encode_images(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
+        return embeds
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
+        """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
+        ``pixel_values`` (all images of the batch, in placeholder order). Returns the LLM output; ``.loss``
+        is the mean over supervised tokens."""
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"))
+        return self.llm(
+            inputs_embeds=embeds, attention_mask=batch.get("attention_mask"), labels=batch.get("labels")
+        )
+
+    # ---- inference -----------------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image], mode: str = "pad") -> torch.Tensor:
+        """PIL images -> normalised ``[N, 3, S, S]`` at the tower's resolution."""
+        v = self.vision
+        if not images:
+            return torch.empty(0, 3, v.image_size, v.image_size)
+        return torch.stack(
+            [preprocess_image(im, v.image_size, v.image_mean, v.image_std, mode) for im in images]
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[ImageInput | Sequence[ImageInput]] | torch.Tensor | None,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        resize_mode: str = "pad",
+        **generate_kwargs,
+    ) -> list[str]:
+        """Greedy answers (KV cache on) for a batch of prompts, each with zero, one or several images.
+
+        ``images[i]`` is a PIL image, a preprocessed ``[3, S, S]`` tensor, ``None`` (text-only) or a list of
+        those. A prompt without the image placeholder gets one ``<image>\\n`` per image in front."""
+        if images is None:
+            images = [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts")
+        device = next(self.llm.parameters()).device
+        token = self.tokenizer.image_token
+        rows, pixels = [], []
+        for item, prompt in zip(images, prompts, strict=True):
+            group = [] if item is None else list(item) if isinstance(item, (list, tuple)) else [item]
+            if isinstance(item, torch.Tensor) and item.dim() == 3:
+                group = [item]
+            if token not in prompt and group:
+                prompt = f"{token}\n" * len(group) + prompt
+            if prompt.count(token) != len(group):
+                raise TemplateError(
+                    f"prompt has {prompt.count(token)} image placeholders for {len(group)} images"
+                )
+            rows.append(self.template.prompt(prompt, self.tokenizer, self.num_image_tokens).input_ids)
+            for im in group:
+                pixels.append(im if isinstance(im, torch.Tensor) else self.preprocess([im], resize_mode)[0])
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left padding
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        pixel_values = torch.stack(pixels).to(device) if pixels else None
+        embeds = self.embed(input_ids, pixel_values)
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.template.stop_token_ids(self.tokenizer),
+            pad_token_id=pad,
+            use_cache=True,
+            **generate_kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ---- training mode -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FlorenceVL:
+        """Components with nothing to train stay in eval mode (no dropout / drop-path in a frozen tower)."""
+        super().train(mode)
+        if mode:
+            for name in COMPONENTS:
+                module = getattr(self, name)
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self

@@ -1,0 +1,55 @@
+"""The language model: any transformers causal LM from a local folder, or random-init from a config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from fvl.models.config import LLMConfig
+from fvl.models.vision.base import DTYPES, require_local_dir
+
+log = logging.getLogger(__name__)
+
+
+def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load or build the LLM, then make room for tokens the tokenizer has beyond the embedding table
+    (fvl's image placeholder), so every token id is valid."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.init == "pretrained":
+        path = require_local_dir(cfg.path, "model.llm.path", "causal LM")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
+    else:
+        arch = dict(cfg.arch)
+        if "model_type" not in arch:
+            raise ValueError("model.llm.arch.model_type is required for random init (e.g. phi3, llama)")
+        arch.setdefault("vocab_size", len(tokenizer))
+        # Special ids follow the tokenizer, never the architecture's defaults (Phi-3's are for its own vocab).
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            arch[key] = getattr(tokenizer, key)
+        config = AutoConfig.for_model(**arch)
+        config._attn_implementation = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        log.info("resizing LLM embeddings %d -> %d for added tokens", vocab, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def llm_tokenizer_path(cfg_path: str | None, llm: LLMConfig) -> Path:
+    """Where the LLM tokenizer lives: explicit path, else the LLM's folder, else the built-in tiny one."""
+    if cfg_path:
+        return Path(cfg_path).expanduser()
+    if llm.init == "pretrained":
+        return require_local_dir(llm.path, "model.llm.path", "causal LM")
+    from fvl.models.tiny_assets import tiny_tokenizer_dirs
+
+    return tiny_tokenizer_dirs()[0]

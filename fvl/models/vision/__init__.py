@@ -1,0 +1,20 @@
+"""Vision towers, chosen by ``model.vision.name``. Add one: a file with a ``VisionTower`` subclass and one
+``VISION_TOWERS.register`` line here."""
+
+from fvl.models.config import VisionConfig
+from fvl.models.vision.base import VisionTower
+from fvl.models.vision.florence2 import Florence2Tower
+from fvl.models.vision.hf_vit import CLIPTower, SiglipTower
+from fvl.registry import Registry
+
+VISION_TOWERS: Registry[VisionTower] = Registry("vision tower")
+VISION_TOWERS.register("florence2")(Florence2Tower)
+VISION_TOWERS.register("clip")(CLIPTower)
+VISION_TOWERS.register("siglip")(SiglipTower)
+
+
+def build_vision_tower(cfg: VisionConfig) -> VisionTower:
+    return VISION_TOWERS.build(cfg.name, cfg)
+
+
+__all__ = ["VISION_TOWERS", "VisionTower", "build_vision_tower", "Florence2Tower", "CLIPTower", "SiglipTower"]

@@ -1,0 +1,89 @@
+"""What every vision tower provides to the rest of fvl: named features of one token count each."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VisionTower(nn.Module, ABC):
+    """A vision backbone that returns a dict of named features, each ``[B, num_tokens, dim]``.
+
+    Subclasses set ``image_size``, ``image_mean`` and ``image_std`` (the preprocessing the data pipeline
+    applies) and implement the abstract methods. ``features(pixel_values, names)`` computes only the features
+    named, so an ablation that drops a prompt does not pay for it.
+    """
+
+    image_size: int
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    @abstractmethod
+    def feature_names(self) -> list[str]:
+        """Names of all features this tower can produce, in a stable order."""
+
+    @abstractmethod
+    def feature_dim(self, name: str) -> int:
+        """Channel width of feature ``name``."""
+
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int:
+        """Tokens per image of every feature at ``image_size``."""
+
+    @abstractmethod
+    def features(
+        self, pixel_values: torch.Tensor, names: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{name: [B, num_tokens, dim]}`` for ``names`` (default: all)."""
+
+    @abstractmethod
+    def unused_parameters(self, names: Sequence[str]) -> set[str]:
+        """Parameter names that cannot influence the features ``names`` (they are never trained)."""
+
+    @abstractmethod
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write a folder that plain transformers ``from_pretrained`` loads."""
+
+    def check_names(self, names: Sequence[str] | None) -> list[str]:
+        if names is None:
+            return list(self.feature_names)
+        unknown = [n for n in names if n not in self.feature_names]
+        if unknown:
+            raise KeyError(f"unknown vision feature(s) {unknown}; this tower has {self.feature_names}")
+        return list(names)
+
+
+def read_image_stats(path: str | Path | None, default_mean, default_std) -> tuple[tuple, tuple]:
+    """Mean/std from a pretrained folder's ``preprocessor_config.json`` when it has one."""
+    if path is not None:
+        pre = Path(path) / "preprocessor_config.json"
+        if pre.exists():
+            data = json.loads(pre.read_text())
+            if "image_mean" in data and "image_std" in data:
+                return tuple(data["image_mean"]), tuple(data["image_std"])
+    return tuple(default_mean), tuple(default_std)
+
+
+def require_local_dir(path: str | None, key: str, what: str) -> Path:
+    """A clear error for the most common mistake: a pretrained model without a local folder."""
+    if not path:
+        raise FileNotFoundError(
+            f"{key} is not set: put {what} in a local folder and pass {key}=DIR "
+            f"(or set the matching init=random to build it with random weights)."
+        )
+    p = Path(path).expanduser()
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{key}={path!r}: no config.json there; expected a local {what} folder")
+    return p

@@ -1,0 +1,217 @@
+"""Florence-2 as a feature extractor, on transformers' native implementation (no remote code).
+
+Named features per image (the paper's depth and breadth):
+- ``davit``: V, the projected DaViT tokens - the encoder's image input;
+- one entry per prompt: V'_t, the image-token slice of the encoder's last hidden state under prompt t.
+
+DaViT runs once per image; all prompts go through the encoder as one batch of ``B x P`` sequences laid out
+exactly as Florence-2's processor lays them out (image tokens, ``<s>``, prompt, ``</s>``); the decoder is
+not kept. Transformers prepends one mean-pooled token to the image tokens (577 at 768 px); it is dropped
+unless ``keep_pooled_token`` (Florence-VL feeds 576).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Model
+
+from fvl.models.config import VisionConfig
+from fvl.models.vision.base import (
+    DTYPES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VisionTower,
+    read_image_stats,
+    require_local_dir,
+)
+
+
+# Florence-2's own expansions of its task tokens (its processor feeds these texts, not the tokens).
+TASK_PROMPTS = {
+    "<OCR>": "What is the text in the image?",
+    "<OCR_WITH_REGION>": "What is the text in the image, with regions?",
+    "<CAPTION>": "What does the image describe?",
+    "<DETAILED_CAPTION>": "Describe in detail what is shown in the image.",
+    "<MORE_DETAILED_CAPTION>": "Describe with a paragraph what is shown in the image.",
+    "<OD>": "Locate the objects with category name in the image.",
+    "<DENSE_REGION_CAPTION>": "Locate the objects in the image, with their descriptions.",
+    "<REGION_PROPOSAL>": "Locate the region proposals in the image.",
+}
+
+
+def expand_prompt(text: str) -> str:
+    """A task token becomes Florence-2's prompt text; free text passes through."""
+    stripped = text.strip()
+    if stripped.startswith("<") and stripped.endswith(">") and stripped in TASK_PROMPTS:
+        return TASK_PROMPTS[stripped]
+    if stripped.startswith("<") and stripped.endswith(">") and " " not in stripped:
+        raise ValueError(f"unknown Florence-2 task token {stripped!r}; known: {', '.join(TASK_PROMPTS)}")
+    return text
+
+
+def davit_tokens(vision_config, image_size: int) -> int:
+    """Tokens of DaViT's last stage for a square image: the conv-embedding arithmetic of each stage."""
+    side = image_size
+    for k, s, p in zip(
+        vision_config.patch_size, vision_config.patch_stride, vision_config.patch_padding, strict=True
+    ):
+        side = (side + 2 * p - k) // s + 1
+    return side * side
+
+
+def random_init_config(arch: dict, tokenizer) -> Florence2Config:
+    """A Florence-2 config for random init whose text side matches ``tokenizer`` (vocab, special ids)."""
+    text = dict(arch.pop("text_config", {}))
+    text.setdefault("vocab_size", len(tokenizer) + 1)  # + the image token id of Florence-2's own format
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        text[key] = getattr(tokenizer, key)
+    text.setdefault("decoder_start_token_id", tokenizer.eos_token_id)
+    arch.setdefault("image_token_id", text["vocab_size"] - 1)
+    return Florence2Config(text_config={"model_type": "bart", **text}, **arch)
+
+
+class Florence2Tower(VisionTower):
+    """DaViT + Florence-2's image projection + the multimodal encoder, returning named features."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        dtype = DTYPES[cfg.dtype]
+        if cfg.init == "pretrained":
+            path = require_local_dir(cfg.path, "model.vision.path", "Florence-2 (transformers-native format)")
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or path)
+            model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype).model
+            config = model.config
+        else:
+            from fvl.models.tiny_assets import tiny_tokenizer_dirs
+
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or tiny_tokenizer_dirs()[1])
+            config = random_init_config(dict(cfg.arch), self.tokenizer)
+            model = Florence2Model(config).to(dtype)
+
+        self.config = config
+        self.davit = model.vision_tower
+        self.image_projection = model.multi_modal_projector
+        self.encoder = model.language_model.encoder  # shares its token embedding with the (dropped) decoder
+        self.image_size = cfg.image_size
+        self.image_mean, self.image_std = read_image_stats(cfg.path, IMAGENET_MEAN, IMAGENET_STD)
+        self.keep_pooled_token = cfg.keep_pooled_token
+        self.prompt_names = [p.name for p in cfg.prompts]
+        self.prompt_texts = [expand_prompt(p.text) for p in cfg.prompts]
+        self._tokens = davit_tokens(config.vision_config, cfg.image_size) + int(cfg.keep_pooled_token)
+
+        # Prompts tokenised once, as Florence-2's processor does: <s> text </s>, right-padded to one length.
+        ids = [
+            [
+                self.tokenizer.bos_token_id,
+                *self.tokenizer(t, add_special_tokens=False).input_ids,
+                self.tokenizer.eos_token_id,
+            ]
+            for t in self.prompt_texts
+        ]
+        width = max((len(x) for x in ids), default=0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.register_buffer(
+            "prompt_ids",
+            torch.tensor([x + [pad] * (width - len(x)) for x in ids], dtype=torch.long).reshape(
+                len(ids), width
+            ),
+            persistent=False,
+        )
+        self.register_buffer(
+            "prompt_mask",
+            torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], dtype=torch.long).reshape(
+                len(ids), width
+            ),
+            persistent=False,
+        )
+        max_pos = config.text_config.max_position_embeddings
+        if self._tokens + 1 + width > max_pos:
+            raise ValueError(
+                f"Florence-2 encoder takes {max_pos} positions but image ({self._tokens}) + prompt ({width}) "
+                f"tokens need more: lower model.vision.image_size or raise text_config.max_position_embeddings"
+            )
+
+    @property
+    def feature_names(self) -> list[str]:
+        return ["davit", *self.prompt_names]
+
+    def feature_dim(self, name: str) -> int:
+        self.check_names([name])
+        return self.config.vision_config.projection_dim
+
+    @property
+    def num_tokens(self) -> int:
+        return self._tokens
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """V with the pooled token first, ``[B, 1 + N, D]``: DaViT -> projection + LayerNorm + positions."""
+        return self.image_projection(self.davit(pixel_values).last_hidden_state)
+
+    def features(
+        self, pixel_values: torch.Tensor, names: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        names = self.check_names(names)
+        image = self.image_tokens(pixel_values)
+        start = 0 if self.keep_pooled_token else 1
+        out: dict[str, torch.Tensor] = {}
+        if "davit" in names:
+            out["davit"] = image[:, start:]
+        wanted = [i for i, n in enumerate(self.prompt_names) if n in names]
+        if wanted:
+            batch, n_img, dim = image.shape
+            n_prompts = len(wanted)
+            prompt_ids, prompt_mask = self.prompt_ids[wanted], self.prompt_mask[wanted]
+            text = self.encoder.embed_tokens(prompt_ids).to(image.dtype)  # [P, L, D]
+            embeds = torch.cat(
+                [
+                    image.unsqueeze(1).expand(-1, n_prompts, -1, -1),
+                    text.unsqueeze(0).expand(batch, -1, -1, -1),
+                ],
+                dim=2,
+            ).reshape(batch * n_prompts, n_img + text.shape[1], dim)
+            mask = None
+            if not bool(
+                prompt_mask.all()
+            ):  # only pass a mask when prompts differ in length (keeps SDPA fast)
+                img_mask = prompt_mask.new_ones(n_prompts, n_img)
+                mask = torch.cat([img_mask, prompt_mask], dim=1).repeat(batch, 1)
+            hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            hidden = hidden[:, start:n_img].reshape(batch, n_prompts, n_img - start, dim)
+            for j, i in enumerate(wanted):
+                out[self.prompt_names[i]] = hidden[:, j]
+        return {n: out[n] for n in names}
+
+    def unused_parameters(self, names: Sequence[str]) -> set[str]:
+        if any(n in self.prompt_names for n in self.check_names(names)):
+            return set()
+        return {f"encoder.{n}" for n, _ in self.encoder.named_parameters()}
+
+    def florence_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under transformers' Florence2ForConditionalGeneration key names (decoder excluded)."""
+        sd: dict[str, torch.Tensor] = {}
+        for prefix, module in (
+            ("model.vision_tower.", self.davit),
+            ("model.multi_modal_projector.", self.image_projection),
+            ("model.language_model.encoder.", self.encoder),
+        ):
+            for k, v in module.state_dict().items():
+                sd[prefix + k] = v.detach().contiguous().cpu()
+        sd["model.language_model.shared.weight"] = sd[
+            "model.language_model.encoder.embed_tokens.weight"
+        ].clone()
+        return sd
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """A Florence-2 folder: DaViT, projection and encoder trained by fvl; the decoder, which Florence-VL
+        never runs, is absent and initialises randomly if transformers loads the folder (it warns)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(out)
+        sd = self.florence_state_dict()
+        sd.pop("model.language_model.encoder.embed_tokens.weight")  # tied to shared; one copy on disk
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(out)

@@ -1,0 +1,218 @@
+"""Chat templates that tokenise turn by turn, so the supervised tokens are known exactly.
+
+A conversation is rendered as segments of text, each either masked (label -100) or supervised (label =
+its token ids). Each segment is tokenised on its own and the ids are concatenated, so no string search or
+token counting can go wrong (the original's "tokenization mismatch" that silently masked whole samples).
+Supervised: each assistant answer and its end token; everything else is masked. A sample with nothing to
+supervise raises ``SupervisionError``; a malformed conversation raises ``TemplateError``. Generation prompts
+are built by the same code, so training and inference see identical token sequences.
+
+Templates (``../shared/florence-vl.md``): ``plain`` (stage 1: image + caption + newline), ``phi3``, and
+``llama3`` (with one BOS, from the tokenizer, not the original's double BOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from fvl.registry import Registry
+
+IGNORE_INDEX = -100
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+class TemplateError(ValueError):
+    """The conversation cannot be rendered (bad roles, empty turns, image placeholder misuse)."""
+
+    reason = "bad_conversation"
+
+
+class SupervisionError(ValueError):
+    """Rendering left no supervised token (e.g. truncation cut every answer)."""
+
+    reason = "no_supervision"
+
+
+@dataclass
+class Tokenized:
+    """One tokenised sample: ids with each image placeholder expanded to ``image_tokens`` ids."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+
+def normalize_conversation(conversation: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """LLaVA (``from``/``value``) or OpenAI (``role``/``content``) turns -> ``[(role, text)]``, checked:
+    an optional system turn, then user/assistant strictly alternating, starting with the user."""
+    if not conversation:
+        raise TemplateError("empty conversation")
+    turns = []
+    for i, turn in enumerate(conversation):
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if role not in ROLE_ALIASES:
+            raise TemplateError(f"turn {i}: unknown role {role!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise TemplateError(f"turn {i}: empty {role} turn")
+        turns.append((ROLE_ALIASES[role], text))
+    body = turns[1:] if turns[0][0] == "system" else turns
+    for i, (role, _) in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise TemplateError(f"roles do not alternate: turn {i} is {role}, expected {expected}")
+    return turns
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Text around turns. ``{system}`` and ``{text}`` are filled in; ``bos`` prepends the tokenizer's BOS."""
+
+    name: str
+    bos: bool
+    default_system: str | None
+    system: str  # the system block, with {system}
+    user: str  # the user block up to and including the assistant header, with {text}
+    answer_end: str  # supervised after each answer (the end-of-turn token)
+    after_answer: str  # masked text after it (separator before the next user turn)
+    stop: str | None  # the token generation stops at (None: the tokenizer's EOS)
+    images_only_prompt: bool = False  # plain: the user turn contributes its image placeholders only
+
+    def segments(
+        self,
+        turns: Sequence[tuple[str, str]],
+        tokenizer: PreTrainedTokenizerBase,
+        add_generation_prompt: bool = False,
+    ) -> list[tuple[str, bool]]:
+        """``[(text, supervised)]`` for the conversation; with ``add_generation_prompt`` the turns end with a
+        user turn and the result ends with the assistant header (the prompt to generate from)."""
+        segs: list[tuple[str, bool]] = []
+        if self.bos and tokenizer.bos_token:
+            segs.append((tokenizer.bos_token, False))
+        system = self.default_system
+        if turns and turns[0][0] == "system":
+            system, turns = turns[0][1], turns[1:]
+        if system is not None and self.system:
+            segs.append((self.system.format(system=system), False))
+        image_token = getattr(tokenizer, "image_token", "<image>")
+        for role, text in turns:
+            if role == "user":
+                if self.images_only_prompt:
+                    text = image_token * text.count(image_token)
+                segs.append((self.user.format(text=text), False))
+            else:
+                segs.append((text + self.answer_end, True))
+                if self.after_answer:
+                    segs.append((self.after_answer, False))
+        if add_generation_prompt and (not turns or turns[-1][0] != "user"):
+            raise TemplateError("a generation prompt must end with a user turn")
+        return segs
+
+    def tokenize(
+        self,
+        conversation: Sequence[Mapping],
+        tokenizer: PreTrainedTokenizerBase,
+        image_tokens: int,
+        max_length: int | None = None,
+        num_images: int | None = None,
+    ) -> Tokenized:
+        """Token ids and labels of a training conversation (which must end with an assistant answer).
+
+        Each image placeholder becomes ``image_tokens`` copies of the placeholder id, all masked.
+        ``num_images`` (when given) must equal the placeholder count. Over ``max_length`` the sample is
+        truncated, unless that would cut an image or leave nothing supervised (then it raises)."""
+        turns = normalize_conversation(conversation)
+        if turns[-1][0] != "assistant":
+            raise TemplateError("a training conversation must end with an assistant answer")
+        image_token = getattr(tokenizer, "image_token", "<image>")
+        for role, text in turns:
+            if role != "user" and image_token in text:
+                raise TemplateError(f"image placeholder {image_token} in a {role} turn")
+        return self._encode(self.segments(turns, tokenizer), tokenizer, image_tokens, max_length, num_images)
+
+    def prompt(
+        self, conversation: Sequence[Mapping] | str, tokenizer: PreTrainedTokenizerBase, image_tokens: int
+    ) -> Tokenized:
+        """Ids of a generation prompt (a question string or turns ending with a user turn)."""
+        if isinstance(conversation, str):
+            conversation = [{"from": "human", "value": conversation}]
+        turns = normalize_conversation(conversation)
+        segs = self.segments(turns, tokenizer, add_generation_prompt=True)
+        return self._encode(segs, tokenizer, image_tokens, None, None, require_supervision=False)
+
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        ids = [tokenizer.eos_token_id]
+        if self.stop:
+            stop = tokenizer(self.stop, add_special_tokens=False).input_ids
+            if len(stop) == 1:
+                ids.append(stop[0])
+        return sorted(set(i for i in ids if i is not None))
+
+    def _encode(
+        self, segs, tokenizer, image_tokens, max_length, num_images, require_supervision=True
+    ) -> Tokenized:
+        image_id = tokenizer.convert_tokens_to_ids(getattr(tokenizer, "image_token", "<image>"))
+        input_ids: list[int] = []
+        labels: list[int] = []
+        n_images = 0
+        for text, supervised in segs:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            for tid in ids:
+                if tid == image_id:
+                    if supervised:
+                        raise TemplateError("image placeholder inside a supervised segment")
+                    n_images += 1
+                    input_ids.extend([image_id] * image_tokens)
+                    labels.extend([IGNORE_INDEX] * image_tokens)
+                else:
+                    input_ids.append(tid)
+                    labels.append(tid if supervised else IGNORE_INDEX)
+        if num_images is not None and n_images != num_images:
+            raise TemplateError(f"{n_images} image placeholders for {num_images} images")
+        if max_length is not None and len(input_ids) > max_length:
+            if image_id in input_ids[max_length:]:
+                # An image's tokens must all stay or the placeholder count no longer matches the images.
+                raise TemplateError(f"max_length={max_length} would cut image tokens")
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if require_supervision and all(label == IGNORE_INDEX for label in labels):
+            raise SupervisionError("no supervised token left (answers empty or truncated away)")
+        return Tokenized(input_ids, labels, n_images)
+
+
+TEMPLATES: Registry[ChatTemplate] = Registry("chat template")
+_BUILT = {
+    "plain": ChatTemplate(
+        name="plain", bos=True, default_system=None, system="", user="{text}",
+        answer_end="\n", after_answer="", stop=None, images_only_prompt=True,
+    ),
+    "phi3": ChatTemplate(
+        name="phi3", bos=False, default_system="You are a helpful AI assistant.",
+        system="<|system|>\n{system}<|end|>\n", user="<|user|>\n{text}<|end|>\n<|assistant|>\n",
+        answer_end="<|end|>", after_answer="\n", stop="<|end|>",
+    ),
+    "llama3": ChatTemplate(
+        name="llama3", bos=True,
+        default_system=(
+            "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+            "helpful, detailed, and polite answers to the user's questions."
+        ),
+        system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        answer_end="<|eot_id|>", after_answer="", stop="<|eot_id|>",
+    ),
+}  # fmt: skip
+for _name, _template in _BUILT.items():
+    TEMPLATES.register(_name)(lambda t=_template: t)
+
+
+def get_template(name: str) -> ChatTemplate:
+    return TEMPLATES.build(name)
