@@ -184,3 +184,21 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+
+def plain_dict(value: Any) -> dict[str, Any]:
+    """A config mapping (DictConfig or dict) as plain Python containers, as transformers configs need."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)  # type: ignore[return-value]
+    return {k: plain_dict(v) if isinstance(v, dict) else v for k, v in dict(value).items()}
+
+
+def check_arch_keys(config_cls: type, arch: dict[str, Any], key: str) -> None:
+    """transformers configs keep unknown kwargs silently; a typo or a leftover key from another
+    architecture (after a YAML merge) must fail instead of building a different model."""
+    known = set(config_cls().to_dict()) | {"model_type"}
+    unknown = sorted(set(arch) - known)
+    if unknown:
+        raise ValueError(f"{key}: unknown keys for {config_cls.__name__}: {unknown}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from fvl.models.config import LLMConfig
+from fvl.models.config import LLMConfig, check_arch_keys, plain_dict
 from fvl.models.vision.base import DTYPES, require_local_dir
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,16 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedM
             path, dtype=dtype, attn_implementation=cfg.attn_implementation
         )
     else:
-        arch = dict(cfg.arch)
+        arch = plain_dict(cfg.arch)
         if "model_type" not in arch:
             raise ValueError("model.llm.arch.model_type is required for random init (e.g. phi3, llama)")
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if arch["model_type"] not in CONFIG_MAPPING:
+            raise ValueError(
+                f"model.llm.arch.model_type={arch['model_type']!r} is not a transformers architecture"
+            )
+        check_arch_keys(CONFIG_MAPPING[arch["model_type"]], arch, "model.llm.arch")
         arch.setdefault("vocab_size", len(tokenizer))
         # Special ids follow the tokenizer, never the architecture's defaults (Phi-3's are for its own vocab).
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -136,7 +136,7 @@ class ChatTemplate:
         image_token = getattr(tokenizer, "image_token", "<image>")
         for role, text in turns:
             if role != "user" and image_token in text:
-                raise TemplateError(f"image placeholder {image_token} in a {role} turn")
+                raise TemplateError(f"image placeholder {image_token} in the {role} turn")
         return self._encode(self.segments(turns, tokenizer), tokenizer, image_tokens, max_length, num_images)
 
     def prompt(

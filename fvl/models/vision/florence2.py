@@ -17,9 +17,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Model
+from transformers import (
+    AutoTokenizer,
+    BartConfig,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2Model,
+    Florence2VisionConfig,
+)
 
-from fvl.models.config import VisionConfig
+from fvl.models.config import VisionConfig, check_arch_keys, plain_dict
 from fvl.models.vision.base import (
     DTYPES,
     IMAGENET_MEAN,
@@ -28,7 +35,6 @@ from fvl.models.vision.base import (
     read_image_stats,
     require_local_dir,
 )
-
 
 # Florence-2's own expansions of its task tokens (its processor feeds these texts, not the tokens).
 TASK_PROMPTS = {
@@ -65,7 +71,10 @@ def davit_tokens(vision_config, image_size: int) -> int:
 
 def random_init_config(arch: dict, tokenizer) -> Florence2Config:
     """A Florence-2 config for random init whose text side matches ``tokenizer`` (vocab, special ids)."""
+    check_arch_keys(Florence2Config, arch, "model.vision.arch")
     text = dict(arch.pop("text_config", {}))
+    check_arch_keys(BartConfig, text, "model.vision.arch.text_config")
+    check_arch_keys(Florence2VisionConfig, arch.get("vision_config", {}), "model.vision.arch.vision_config")
     text.setdefault("vocab_size", len(tokenizer) + 1)  # + the image token id of Florence-2's own format
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         text[key] = getattr(tokenizer, key)
@@ -89,7 +98,7 @@ class Florence2Tower(VisionTower):
             from fvl.models.tiny_assets import tiny_tokenizer_dirs
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or tiny_tokenizer_dirs()[1])
-            config = random_init_config(dict(cfg.arch), self.tokenizer)
+            config = random_init_config(plain_dict(cfg.arch), self.tokenizer)
             model = Florence2Model(config).to(dtype)
 
         self.config = config

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from fvl.models.config import VisionConfig
+from fvl.models.config import VisionConfig, check_arch_keys, plain_dict
 from fvl.models.vision.base import DTYPES, VisionTower, read_image_stats, require_local_dir
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,7 +32,8 @@ class HFViTTower(VisionTower):
             path = require_local_dir(cfg.path, "model.vision.path", self.model_cls.__name__)
             self.model = self.model_cls.from_pretrained(path, dtype=dtype)
         else:
-            arch = {"image_size": cfg.image_size, **dict(cfg.arch)}
+            arch = {"image_size": cfg.image_size, **plain_dict(cfg.arch)}
+            check_arch_keys(self.config_cls, arch, "model.vision.arch")
             self.model = self.model_cls(self.config_cls(**arch)).to(dtype)
         config = self.model.config
         if config.image_size != cfg.image_size:

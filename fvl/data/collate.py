@@ -1,0 +1,43 @@
+"""Batching tokenised samples: pad to the longest in the batch, stack every image in placeholder order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fvl.text.templates import IGNORE_INDEX
+
+
+@dataclass
+class Sample:
+    """One model-ready sample: ids/labels from a template and its images (``[3, S, S]`` each, maybe none)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor] = field(default_factory=list)
+
+
+def collate(
+    samples: Sequence[Sample], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """``input_ids``/``attention_mask``/``labels`` padded to the longest sample (labels padded with -100)
+    and ``pixel_values`` of all images (absent when the batch is text-only)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[row, cols] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[row, cols] = torch.tensor(s.labels, dtype=torch.long)
+        mask[row, cols] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    images = [im for s in samples for im in s.images]
+    if images:
+        batch["pixel_values"] = torch.stack(images)
+    return batch

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fvl.config import EXPERIMENTS_DIR, REPO_ROOT, ConfigError, load
+
+SHIPPED = sorted(p for p in EXPERIMENTS_DIR.rglob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert {"tiny", "florence_vl_3b", "florence_vl_8b"} <= {p.stem for p in SHIPPED}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_shipped_yaml_loads(path: Path):
+    cfg = load(path)
+    assert cfg.model.fusion.features
+    OmegaConf.to_object(cfg)  # the typed objects build (validation ran)
+
+
+def test_presets_by_name_and_include():
+    b3, b8 = load("florence_vl_3b"), load("florence_vl_8b")
+    assert b3.model.llm.arch.model_type == "phi3" and b3.model.text.template == "phi3"
+    assert b8.model.llm.arch.model_type == "llama" and b8.model.text.template == "llama3"
+    # the 8B preset states only its difference: the vision side comes from the 3B include
+    assert b8.model.vision == b3.model.vision
+    assert b8.model.llm.arch.hidden_size == 4096 and b8.model.llm.arch.num_key_value_heads == 8
+
+
+def test_overrides_apply_and_lists_replace():
+    cfg = load("tiny", ["model.fusion.features=[davit]", "model.fusion.name=single_layer"])
+    assert list(cfg.model.fusion.features) == ["davit"]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.fusion.nam=x", "model.fusion.nam"),
+        ("model.vision.image_size=big", "model.vision.image_size"),
+        ("model.llm.init=downloaded", "model.llm.init"),
+        ("model.fusion.name=single_layer", "single_layer takes exactly one feature"),
+        ("model.projector.name=mlp0x_gelu", "model.projector.name"),
+        ("model.text.template=vicuna", "model.text.template"),
+        ("nonsense", "expected key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        load("tiny", [override])
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  fusion:\n    colour: red\n")
+    with pytest.raises(ConfigError) as err:
+        load(bad)
+    assert str(bad) in str(err.value) and "model.fusion.colour" in str(err.value)
+
+
+def test_include_relative_and_cycle(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  fusion:\n    name: avg_pool\n")
+    (tmp_path / "child.yaml").write_text("include: [base.yaml]\nseed: 3\n")
+    cfg = load(tmp_path / "child.yaml")
+    assert cfg.model.fusion.name == "avg_pool" and cfg.seed == 3
+    (tmp_path / "a.yaml").write_text("include: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load(tmp_path / "a.yaml")
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="neither a YAML file nor a model preset"):
+        load("florence_vl_70b")
+
+
+def test_missing_pretrained_path_is_a_clear_error():
+    from fvl.models import build_model
+
+    with pytest.raises(FileNotFoundError, match=r"model\.(llm|vision)\.path is not set"):
+        build_model(load("florence_vl_3b").model)
