@@ -47,8 +47,9 @@ sweep: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/fvl eval $(CKPT) $(ARGS)
 
+RECIPE ?= synthetic
 shards: $(STAMP)
-	$(VENV)/bin/fvl shards build $(RECIPE) $(ARGS)
+	$(VENV)/bin/fvl shards build $(RECIPE) --out shards/$(basename $(notdir $(RECIPE))) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m fvl.bench $(ARGS)

@@ -39,6 +39,45 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shards_build(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fvl.data.recipes import load_recipe
+    from fvl.data.shards import build, parse_part, plan, read_items
+
+    recipe = load_recipe(args.recipe)
+    if args.samples_per_shard:
+        recipe.shards.samples_per_shard = args.samples_per_shard
+    k, n = parse_part(args.part)
+    counts = {s.name: len(read_items(s)) for s in recipe.sources}
+    total = sum(t.end - t.start for i, t in enumerate(plan(recipe, counts)) if i % n == k)
+    columns = (
+        TextColumn("[bold]shards"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("items"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=args.quiet) as bar:
+        task = bar.add_task("build", total=total)
+        manifest = build(
+            recipe, args.out, part=args.part, workers=args.workers, progress=lambda m: bar.advance(task, m)
+        )
+    for name, s in manifest["sources"].items():
+        skipped = ", ".join(f"{r} {c}" for r, c in sorted(s["skipped"].items())) or "none"
+        print(f"{name}: {s['written']} written, skipped: {skipped}")
+    print(f"{len(manifest['shards'])} shards in {args.out} (part {manifest['part']})")
+    return 0
+
+
+def _cmd_shards_merge(args: argparse.Namespace) -> int:
+    from fvl.data.shards import merge
+
+    manifest = merge(args.out)
+    print(f"merged {len(manifest['shards'])} shards into {args.out}/manifest.json")
+    return 0
+
+
 def _cmd_not_yet(args: argparse.Namespace) -> int:
     print(
         f"fvl {args.command}: not available in this version yet - it lands with the training / data / evaluation "
@@ -69,7 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="output folder")
     exp.set_defaults(func=_cmd_export)
 
-    for name in ("train", "sweep", "eval", "shards", "chat", "align", "pca"):
+    shards = sub.add_parser("shards", help="build WebDataset shards from a data recipe").add_subparsers(
+        dest="action", required=True
+    )
+    b = shards.add_parser("build", help="build (or resume) the shards of a recipe")
+    b.add_argument("recipe", help="recipe YAML or a name in data_recipes/ (e.g. synthetic)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument(
+        "--part", default=None, help="K/N: build the K-th of N disjoint parts (then `fvl shards merge`)"
+    )
+    b.add_argument("--workers", type=int, default=2, help="worker processes")
+    b.add_argument(
+        "--samples-per-shard", type=int, default=0, help="override the recipe's shards.samples_per_shard"
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_shards_build)
+    m = shards.add_parser("merge", help="combine part manifests into manifest.json")
+    m.add_argument("out", help="the folder the parts were built into")
+    m.set_defaults(func=_cmd_shards_merge)
+
+    for name in ("train", "sweep", "eval", "chat", "align", "pca"):
         p = sub.add_parser(name, help="(coming)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_cmd_not_yet)

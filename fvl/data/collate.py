@@ -17,13 +17,14 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     images: list[torch.Tensor] = field(default_factory=list)
+    id: str = ""
 
 
 def collate(
     samples: Sequence[Sample], pad_token_id: int, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:
-    """``input_ids``/``attention_mask``/``labels`` padded to the longest sample (labels padded with -100)
-    and ``pixel_values`` of all images (absent when the batch is text-only)."""
+    """``input_ids``/``attention_mask``/``labels`` padded to the longest sample (labels padded with -100),
+    ``pixel_values`` of all images (absent when the batch is text-only) and the samples' ``ids``."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     width = max(len(s.input_ids) for s in samples)
@@ -36,7 +37,7 @@ def collate(
         ids[row, cols] = torch.tensor(s.input_ids, dtype=torch.long)
         labels[row, cols] = torch.tensor(s.labels, dtype=torch.long)
         mask[row, cols] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch: dict = {"input_ids": ids, "attention_mask": mask, "labels": labels, "ids": [s.id for s in samples]}
     images = [im for s in samples for im in s.images]
     if images:
         batch["pixel_values"] = torch.stack(images)

@@ -31,15 +31,19 @@ ROLE_ALIASES = {
 
 
 class TemplateError(ValueError):
-    """The conversation cannot be rendered (bad roles, empty turns, image placeholder misuse)."""
+    """The conversation cannot be rendered. ``reason`` is the short code a data pipeline counts skips by:
+    ``no_conversations``, ``empty_turn``, ``bad_roles``, ``placeholder_mismatch``, ``too_long``."""
 
-    reason = "bad_conversation"
+    def __init__(self, message: str, reason: str = "bad_conversation") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-class SupervisionError(ValueError):
+class SupervisionError(TemplateError):
     """Rendering left no supervised token (e.g. truncation cut every answer)."""
 
-    reason = "no_supervision"
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "no_supervision")
 
 
 @dataclass
@@ -55,21 +59,23 @@ def normalize_conversation(conversation: Sequence[Mapping]) -> list[tuple[str, s
     """LLaVA (``from``/``value``) or OpenAI (``role``/``content``) turns -> ``[(role, text)]``, checked:
     an optional system turn, then user/assistant strictly alternating, starting with the user."""
     if not conversation:
-        raise TemplateError("empty conversation")
+        raise TemplateError("empty conversation", "no_conversations")
     turns = []
     for i, turn in enumerate(conversation):
         role = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
         if role not in ROLE_ALIASES:
-            raise TemplateError(f"turn {i}: unknown role {role!r}")
+            raise TemplateError(f"turn {i}: unknown role {role!r}", "bad_roles")
         if not isinstance(text, str) or not text.strip():
-            raise TemplateError(f"turn {i}: empty {role} turn")
+            raise TemplateError(f"turn {i}: empty {role} turn", "empty_turn")
         turns.append((ROLE_ALIASES[role], text))
     body = turns[1:] if turns[0][0] == "system" else turns
     for i, (role, _) in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise TemplateError(f"roles do not alternate: turn {i} is {role}, expected {expected}")
+            raise TemplateError(
+                f"roles do not alternate: turn {i} is {role}, expected {expected}", "bad_roles"
+            )
     return turns
 
 
@@ -132,11 +138,13 @@ class ChatTemplate:
         truncated, unless that would cut an image or leave nothing supervised (then it raises)."""
         turns = normalize_conversation(conversation)
         if turns[-1][0] != "assistant":
-            raise TemplateError("a training conversation must end with an assistant answer")
+            raise TemplateError("a training conversation must end with an assistant answer", "bad_roles")
         image_token = getattr(tokenizer, "image_token", "<image>")
         for role, text in turns:
             if role != "user" and image_token in text:
-                raise TemplateError(f"image placeholder {image_token} in the {role} turn")
+                raise TemplateError(
+                    f"image placeholder {image_token} in the {role} turn", "placeholder_mismatch"
+                )
         return self._encode(self.segments(turns, tokenizer), tokenizer, image_tokens, max_length, num_images)
 
     def prompt(
@@ -169,7 +177,9 @@ class ChatTemplate:
             for tid in ids:
                 if tid == image_id:
                     if supervised:
-                        raise TemplateError("image placeholder inside a supervised segment")
+                        raise TemplateError(
+                            "image placeholder inside a supervised segment", "placeholder_mismatch"
+                        )
                     n_images += 1
                     input_ids.extend([image_id] * image_tokens)
                     labels.extend([IGNORE_INDEX] * image_tokens)
@@ -177,11 +187,13 @@ class ChatTemplate:
                     input_ids.append(tid)
                     labels.append(tid if supervised else IGNORE_INDEX)
         if num_images is not None and n_images != num_images:
-            raise TemplateError(f"{n_images} image placeholders for {num_images} images")
+            raise TemplateError(
+                f"{n_images} image placeholders for {num_images} images", "placeholder_mismatch"
+            )
         if max_length is not None and len(input_ids) > max_length:
             if image_id in input_ids[max_length:]:
                 # An image's tokens must all stay or the placeholder count no longer matches the images.
-                raise TemplateError(f"max_length={max_length} would cut image tokens")
+                raise TemplateError(f"max_length={max_length} would cut image tokens", "too_long")
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         if require_supervision and all(label == IGNORE_INDEX for label in labels):
             raise SupervisionError("no supervised token left (answers empty or truncated away)")

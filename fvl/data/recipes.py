@@ -1,0 +1,167 @@
+"""Data recipes: YAML files listing the sources of a data mixture, validated on load.
+
+```yaml
+sources:
+  - name: llava_instruct          # unique; shard names and manifest entries use it
+    format: llava_json            # llava_json | caption_jsonl | synthetic
+    annotations: llava_v1_5_mix665k.json   # relative paths resolve against the recipe's folder
+    image_root: images/
+    weight: 1.0                   # mixing weight when several sources are read together
+    max_samples: null             # keep only the first N items
+shards:
+  samples_per_shard: 1000
+  max_shard_bytes: 1.0e9
+```
+A ``synthetic`` source takes ``split``, ``num_samples``, ``image_size``, ``seed``, ``task`` (``caption`` |
+``qa``) and ``kinds`` instead of files. Unknown keys, missing files and bad weights are errors that name the
+recipe and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fvl.data.synthetic import KINDS, SPLITS, TASKS
+
+FORMATS = ("llava_json", "caption_jsonl", "synthetic")
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the recipe file and the key."""
+
+
+@dataclass
+class SourceConfig:
+    """One source of a recipe (see the module docstring)."""
+
+    name: str = "???"
+    format: str = "???"
+    annotations: str | None = None
+    image_root: str | None = None
+    weight: float = 1.0
+    max_samples: int | None = None
+    # synthetic only
+    split: str = "train"
+    num_samples: int = 0
+    image_size: int = 64
+    seed: int = 0
+    task: str = "qa"
+    kinds: list[str] | None = None
+
+
+@dataclass
+class ShardSettings:
+    """How shards are cut: at most ``samples_per_shard`` input items per shard task (skipped items count),
+    and a new tar file whenever one passes ``max_shard_bytes``."""
+
+    samples_per_shard: int = 1000
+    max_shard_bytes: float = 1.0e9
+
+
+@dataclass
+class Recipe:
+    sources: list[SourceConfig] = field(default_factory=list)
+    shards: ShardSettings = field(default_factory=ShardSettings)
+    description: str = ""
+    path: str = ""  # filled in on load: the file it came from
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(f"recipe {self.path}: no source {name!r}; it has {[s.name for s in self.sources]}")
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe file, or a name in ``data_recipes/`` (``synthetic``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    named = RECIPES_DIR / f"{p.name}.yaml" if p.suffix == "" else RECIPES_DIR / p.name
+    if named.exists():
+        return named
+    raise RecipeError(f"recipe {path!r} not found (nor in {RECIPES_DIR})")
+
+
+def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
+    """Load and validate a recipe. ``check_files=False`` skips the existence checks (to read the shipped
+    templates whose paths a user fills in)."""
+    path = resolve_recipe_path(path)
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:
+        raise RecipeError(f"recipe {path}: cannot parse YAML: {e}") from None
+    # Merge each source on its own so that an error names it: sources[i].key.
+    sources = raw.pop("sources", None) if hasattr(raw, "pop") else None
+    if sources is not None and not OmegaConf.is_list(sources):
+        raise RecipeError(f"recipe {path}: 'sources' must be a list")
+    parsed = []
+    for i, item in enumerate(sources or []):
+        try:
+            parsed.append(OmegaConf.merge(OmegaConf.structured(SourceConfig), item))
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"recipe {path}: sources[{i}].{getattr(e, 'full_key', '?')}: {e.msg}") from None
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
+        cfg.sources = parsed
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"recipe {path}: key {getattr(e, 'full_key', '?')!r}: {e.msg}") from None
+    recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    recipe.path = str(path)
+    _validate(recipe, path.parent, check_files)
+    return recipe
+
+
+def _validate(recipe: Recipe, folder: Path, check_files: bool) -> None:
+    where = f"recipe {recipe.path}"
+    if not recipe.sources:
+        raise RecipeError(f"{where}: 'sources' is empty")
+    names = [s.name for s in recipe.sources]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{where}: duplicate source names {names}")
+    if recipe.shards.samples_per_shard <= 0 or recipe.shards.max_shard_bytes <= 0:
+        raise RecipeError(f"{where}: shards.samples_per_shard and shards.max_shard_bytes must be positive")
+    for i, s in enumerate(recipe.sources):
+        key = f"{where}: sources[{i}] ({s.name})"
+        if s.name in ("", "???") or not s.name.replace("_", "").replace("-", "").isalnum():
+            raise RecipeError(f"{key}.name: use letters, digits, '_' or '-' (it names shard files)")
+        if s.format not in FORMATS:
+            raise RecipeError(f"{key}.format={s.format!r}: expected one of {', '.join(FORMATS)}")
+        if not (s.weight > 0) or s.weight != s.weight or s.weight == float("inf"):
+            raise RecipeError(f"{key}.weight={s.weight}: must be a positive finite number")
+        if s.max_samples is not None and s.max_samples < 0:
+            raise RecipeError(f"{key}.max_samples must be >= 0")
+        if s.format == "synthetic":
+            if s.split not in SPLITS:
+                raise RecipeError(f"{key}.split={s.split!r}: expected one of {SPLITS}")
+            if s.task not in TASKS:
+                raise RecipeError(f"{key}.task={s.task!r}: expected one of {TASKS}")
+            if s.num_samples <= 0:
+                raise RecipeError(f"{key}.num_samples must be positive for a synthetic source")
+            unknown = [k for k in s.kinds or [] if k not in KINDS]
+            if unknown:
+                raise RecipeError(f"{key}.kinds: unknown {unknown}; known: {list(KINDS)}")
+            continue
+        if not s.annotations:
+            raise RecipeError(f"{key}.annotations is required for format {s.format}")
+        s.annotations = (
+            str((folder / s.annotations).expanduser())
+            if not Path(s.annotations).is_absolute()
+            else s.annotations
+        )
+        if s.image_root:
+            s.image_root = (
+                str((folder / s.image_root).expanduser())
+                if not Path(s.image_root).is_absolute()
+                else s.image_root
+            )
+        if check_files:
+            if not Path(s.annotations).is_file():
+                raise RecipeError(f"{key}.annotations: file not found: {s.annotations}")
+            if s.image_root and not Path(s.image_root).is_dir():
+                raise RecipeError(f"{key}.image_root: folder not found: {s.image_root}")
