@@ -15,6 +15,10 @@ help:
 	@echo "make test       set up .venv, install fvl, run the test suite"
 	@echo "make pretrain   stage 1 on the tiny preset (ARGS='key=value ...' overrides)"
 	@echo "make finetune   stage 2 from the latest pretrain checkpoint (CKPT=path to choose one)"
+	@echo "make sweep      SWEEP=experiments/sweeps/fusion.yaml: a grid of runs, summarised at the end"
+	@echo "make shards     RECIPE=synthetic: build WebDataset shards of a data recipe"
+	@echo "make bench      benchmarks (BENCHMARKS.md)"
+	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000"
 	@echo "make lint       ruff"
 
 setup: $(STAMP)
@@ -41,6 +45,7 @@ pretrain: $(STAMP)
 finetune: $(STAMP)
 	$(VENV)/bin/fvl train experiments/finetune.yaml $(if $(CKPT),init_from=$(CKPT)) $(ARGS)
 
+SWEEP ?= experiments/sweeps/fusion.yaml
 sweep: $(STAMP)
 	$(VENV)/bin/fvl sweep $(SWEEP) $(ARGS)
 
@@ -53,6 +58,11 @@ shards: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m fvl.bench $(ARGS)
+
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(STAMP)
+	@mkdir -p mlruns
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -78,6 +78,26 @@ def _cmd_shards_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fvl.config import load
+    from fvl.train.run import print_summary, train
+    from fvl.train.tracking import tracking_uri
+
+    cfg = load(args.config, args.overrides)
+    result = train(cfg)
+    if result.info.get("finished"):
+        print_summary(result, tracking_uri(cfg))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fvl.train.sweep import load_sweep, print_sweep_summary, run_sweep
+
+    runs = run_sweep(args.sweep, args.overrides)
+    print_sweep_summary(load_sweep(args.sweep).name, runs)
+    return 0 if all(r.status == "ok" for r in runs) else 1
+
+
 def _cmd_not_yet(args: argparse.Namespace) -> int:
     print(
         f"fvl {args.command}: not available in this version yet - it lands with the training / data / evaluation "
@@ -127,7 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="the folder the parts were built into")
     m.set_defaults(func=_cmd_shards_merge)
 
-    for name in ("train", "sweep", "eval", "chat", "align", "pca"):
+    tr = sub.add_parser("train", help="train a stage from an experiment YAML")
+    tr.add_argument("config", help="experiment YAML, e.g. experiments/pretrain.yaml")
+    tr.add_argument("overrides", nargs="*", help="dot-list overrides: train.max_steps=400 resume=last ...")
+    tr.set_defaults(func=_cmd_train)
+
+    sw = sub.add_parser("sweep", help="run a grid of experiments declared in a sweep YAML")
+    sw.add_argument("sweep", help="sweep YAML, e.g. experiments/sweeps/fusion.yaml")
+    sw.add_argument("overrides", nargs="*", help="dot-list overrides applied to every run")
+    sw.set_defaults(func=_cmd_sweep)
+
+    for name in ("eval", "chat", "align", "pca"):
         p = sub.add_parser(name, help="(coming)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_cmd_not_yet)
@@ -136,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    fvl_log = logging.getLogger("fvl")
+    fvl_log.addHandler(handler)
+    fvl_log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    fvl_log.propagate = False
     return int(args.func(args) or 0)
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fvl.data.config import DataConfig
 from fvl.models.config import ModelConfig
+from fvl.train.config import TrackingConfig, TrainConfig, TrainerConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
@@ -25,18 +27,49 @@ class ConfigError(ValueError):
     """A config that does not fit the schema; the message names the key and its source."""
 
 
+STAGES = ("pretrain", "finetune", "align")
+
+
 @dataclass
 class ExperimentConfig:
     """An fvl experiment.
 
-    name: run name (MLflow run name, output folder name).
+    name: experiment name (run folder and MLflow run names start with it).
+    stage: ``pretrain`` (everything trains, template plain, square images) | ``finetune`` (projector + LLM,
+      chat template, padded images) | ``align`` (projector only).
     seed: global random seed.
-    model: the composed model (see ``fvl.models.config.ModelConfig``).
+    output_dir: where run folders (checkpoints, resolved config) are written.
+    init_from: weights to start from: a ``.safetensors``/``.ckpt`` path, ``mlflow:RUN_ID`` or ``latest``
+      (the newest checkpoint of a pretrain run under ``output_dir``); empty: the model's own init.
+    resume: continue a run exactly (step, optimizer, schedule): a ``.ckpt`` path or ``last`` (the newest
+      run of this name and stage).
+    model / data / train / trainer / tracking: see their classes.
     """
 
     name: str = "fvl"
+    stage: str = "pretrain"
     seed: int = 0
+    output_dir: str = "runs"
+    init_from: str | None = None
+    resume: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.model.llm.quantization != "none" and not self.train.lora.enabled:
+            raise ValueError(
+                "model.llm.quantization=nf4 (QLoRA) needs train.lora.enabled=true: 4-bit weights cannot train"
+            )
+        if self.train.global_batch_size % self.data.batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"data.batch_size={self.data.batch_size}"
+            )
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -95,16 +128,22 @@ def validate(cfg: DictConfig, source: str = "config") -> None:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load an experiment config: schema defaults <- YAML layers <- dot-list overrides, then validate.
+def load(
+    path: str | Path | None = None, overrides: Sequence[str] = (), layers: Sequence[str | Path] = ()
+) -> DictConfig:
+    """Load an experiment config: schema defaults <- YAML layers <- extra ``layers`` <- dot-list overrides,
+    then validate.
 
     ``path`` may be a YAML file or a model preset name (``tiny``, ``florence_vl_3b``, ``florence_vl_8b``);
-    ``None`` gives the schema defaults. Returns a typed ``DictConfig`` (assignments are type-checked too).
+    ``None`` gives the schema defaults. ``layers`` are more YAML files merged on top (a sweep's fusion
+    variant, say). Returns a typed ``DictConfig`` (assignments are type-checked too).
     """
     cfg = OmegaConf.structured(ExperimentConfig)
     sources = []
-    if path is not None:
-        for layer_path, layer in _read_with_includes(resolve_path(path)):
+    files = [resolve_path(path)] if path is not None else []
+    files += [resolve_path(p) for p in layers]
+    for file in files:
+        for layer_path, layer in _read_with_includes(file):
             cfg = _merge(cfg, layer, str(layer_path))
             sources.append(str(layer_path))
     for item in overrides:

@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 
 from fvl.config import EXPERIMENTS_DIR, REPO_ROOT, ConfigError, load
 
-SHIPPED = sorted(p for p in EXPERIMENTS_DIR.rglob("*.yaml"))
+SHIPPED = sorted(p for p in EXPERIMENTS_DIR.rglob("*.yaml") if "sweeps" not in p.parts)
+SWEEPS = sorted((EXPERIMENTS_DIR / "sweeps").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs():
@@ -17,6 +18,19 @@ def test_every_shipped_yaml_loads(path: Path):
     cfg = load(path)
     assert cfg.model.fusion.features
     OmegaConf.to_object(cfg)  # the typed objects build (validation ran)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_loads_at_every_grid_point(path: Path):
+    from fvl.train.sweep import grid_points, load_sweep
+
+    sweep = load_sweep(path)
+    points = grid_points(sweep)
+    assert points
+    for labels, layers, overrides in points:
+        for stage in sweep.stages:
+            cfg = load(stage, [*sweep.overrides, *overrides], layers=layers)
+            assert cfg.model.fusion.features
 
 
 def test_presets_by_name_and_include():

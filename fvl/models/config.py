@@ -134,6 +134,8 @@ class LLMConfig:
     dtype: parameter dtype.
     attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2``.
     gradient_checkpointing: recompute LLM activations in backward to save memory.
+    quantization: ``none`` | ``nf4``: load the pretrained LLM's linear layers in 4-bit NF4 (bitsandbytes) -
+      QLoRA, together with ``train.lora.enabled``.
     """
 
     init: str = "random"
@@ -142,9 +144,15 @@ class LLMConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice(self.init, INITS, "model.llm.init")
+        _check_choice(self.quantization, ("none", "nf4"), "model.llm.quantization")
+        if self.quantization != "none" and self.init != "pretrained":
+            raise ValueError(
+                "model.llm.quantization=nf4 quantizes pretrained weights: set model.llm.init=pretrained"
+            )
         _check_choice(self.dtype, DTYPES, "model.llm.dtype")
         if self.init == "random" and "model_type" not in self.arch and self.arch:
             raise ValueError("model.llm.arch needs a model_type (e.g. phi3, llama) for random init")

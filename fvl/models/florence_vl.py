@@ -174,7 +174,7 @@ class FlorenceVL(nn.Module):
         super().train(mode)
         if mode:
             for name in COMPONENTS:
-                module = getattr(self, name)
-                if not any(p.requires_grad for p in module.parameters()):
-                    module.eval()
+                params = list(getattr(self, name).parameters())
+                if params and not any(p.requires_grad for p in params):
+                    getattr(self, name).eval()
         return self

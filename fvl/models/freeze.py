@@ -23,9 +23,12 @@ STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
 }
 
 
-def set_trainable(model: FlorenceVL, stage: str) -> dict[str, dict[str, int]]:
+def set_trainable(
+    model: FlorenceVL, stage: str, llm_adapters_only: bool = False
+) -> dict[str, dict[str, int]]:
     """Set ``requires_grad`` for ``stage`` and return (and log) per-component parameter counts:
-    ``{component: {"trainable": n, "frozen": n, "unused": n}}``."""
+    ``{component: {"trainable": n, "frozen": n, "unused": n}}``. With ``llm_adapters_only`` (LoRA), only the
+    LLM's adapter parameters (``lora_*``) train; its base weights stay frozen."""
     if stage not in STAGE_TRAINABLE:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_TRAINABLE)}")
     trainable = STAGE_TRAINABLE[stage]
@@ -36,6 +39,8 @@ def set_trainable(model: FlorenceVL, stage: str) -> dict[str, dict[str, int]]:
         for name, param in getattr(model, component).named_parameters():
             full = f"{component}.{name}"
             train = component in trainable and full not in unused
+            if component == "llm" and llm_adapters_only:
+                train = train and "lora_" in name
             param.requires_grad_(train)
             key = "unused" if full in unused else "trainable" if train else "frozen"
             c[key] += param.numel()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from fvl.models.config import LLMConfig, check_arch_keys, plain_dict
@@ -19,8 +21,22 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedM
     dtype = DTYPES[cfg.dtype]
     if cfg.init == "pretrained":
         path = require_local_dir(cfg.path, "model.llm.path", "causal LM")
+        extra = {}
+        if cfg.quantization == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            compute = torch.bfloat16 if dtype == torch.float32 else dtype
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=compute,
+                bnb_4bit_use_double_quant=True,
+            )
+            # Weights are quantized as they are placed: on this process's GPU (one per rank), else the CPU.
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            extra["device_map"] = {"": local_rank} if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=cfg.attn_implementation
+            path, dtype=dtype, attn_implementation=cfg.attn_implementation, **extra
         )
     else:
         arch = plain_dict(cfg.arch)

@@ -1,0 +1,114 @@
+"""Typed schema of the training sections of an experiment YAML: ``train:``, ``trainer:``, ``tracking:``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OPTIMIZERS = ("adamw", "adamw_8bit")
+STRATEGIES_HINT = (
+    "auto, ddp, ddp_spawn, fsdp, deepspeed_stage_2, deepspeed_stage_3 (any Lightning strategy name)"
+)
+
+
+@dataclass
+class LoraConfig:
+    """Parameter-efficient finetuning of the LLM with peft.
+
+    enabled: wrap the LLM's linear layers in LoRA adapters (the base weights freeze; adapters train).
+    r: adapter rank. alpha: scaling numerator (LoRA scales by alpha / r). dropout: on the adapter input.
+    target_modules: module names to adapt (``all-linear`` = every linear layer but the output head).
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        if self.r <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError("train.lora: r and alpha must be positive, dropout in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation.
+
+    lr: peak learning rate of the projector and LLM.
+    vision_lr: peak learning rate of the vision tower when the stage trains it (null: ``lr``).
+    weight_decay: AdamW weight decay (0 in the paper's recipe); never applied to biases and norms.
+    betas: AdamW betas.
+    warmup_ratio: linear warm-up over this fraction of the steps, then cosine decay to 0.
+    max_steps: optimizer steps of the run (the schedule's length).
+    global_batch_size: samples per optimizer step over all devices and nodes; gradient accumulation is
+      derived from it and ``data.batch_size`` (it must divide evenly).
+    grad_clip: clip the global gradient norm to this (0: off).
+    optimizer: ``adamw`` (torch) | ``adamw_8bit`` (bitsandbytes).
+    lora: see ``LoraConfig``.
+    log_every_n_steps: how often metrics go to MLflow.
+    val_every_n_steps: validation interval in optimizer steps (0: only at the end).
+    checkpoint_every_n_steps: write ``last`` every this many steps (0: only at the end).
+    """
+
+    lr: float = 3e-4
+    vision_lr: float | None = None
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    max_steps: int = 1000
+    global_batch_size: int = 32
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 0
+    checkpoint_every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer={self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.lr <= 0 or (self.vision_lr is not None and self.vision_lr < 0):
+            raise ValueError("train.lr must be positive and train.vision_lr non-negative")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("train.warmup_ratio must be in [0, 1)")
+        if self.max_steps <= 0 or self.global_batch_size <= 0:
+            raise ValueError("train.max_steps and train.global_batch_size must be positive")
+        if len(self.betas) != 2:
+            raise ValueError("train.betas needs two values")
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer.
+
+    accelerator: ``auto`` | ``cpu`` | ``gpu``. devices: per node (``auto`` or a count). num_nodes: nodes.
+    strategy: auto, ddp, ddp_spawn, fsdp, deepspeed_stage_2, deepspeed_stage_3 (any Lightning strategy name).
+    precision: ``auto`` (bf16-mixed where the hardware supports it, else 32) or a Lightning precision.
+    progress: show the Rich progress bar.
+    """
+
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking.
+
+    uri: tracking store; empty means ``$MLFLOW_TRACKING_URI`` or else the embedded SQLite store
+      ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/`` (no server needed).
+    experiment: MLflow experiment name.
+    run_name: MLflow run name (default: ``{name}-{stage}``).
+    sweep: sweep name (set by ``fvl sweep``; logged as a tag).
+    tags: extra tags.
+    """
+
+    uri: str = ""
+    experiment: str = "fvl"
+    run_name: str = ""
+    sweep: str = ""
+    tags: dict[str, str] = field(default_factory=dict)

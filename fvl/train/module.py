@@ -1,0 +1,126 @@
+"""The LightningModules of the stages. ``FVLModule`` holds what all stages share (model, optimisation,
+logging); a stage subclass states what differs: which components train and how it starts.
+
+- ``PretrainModule``: everything trains, Florence-2 included, with its own LR (``train.vision_lr``).
+- ``FinetuneModule``: projector + LLM (optionally LoRA / QLoRA), from a pretrain checkpoint.
+- ``AlignModule``: the projector alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm
+from omegaconf import DictConfig
+
+from fvl.models import build_model, set_trainable
+from fvl.registry import Registry
+from fvl.train.adapters import apply_lora
+from fvl.train.checkpointing import load_model_weights
+from fvl.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class FVLModule(L.LightningModule):
+    stage: str = ""
+
+    def __init__(self, cfg: DictConfig, init_weights: str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_model(cfg.model)
+        if init_weights:
+            load_model_weights(self.model, init_weights)
+            log.info("initialised from %s", init_weights)
+        if cfg.train.lora.enabled:
+            apply_lora(self.model, cfg.train.lora)
+        self.trainable_counts = set_trainable(
+            self.model, self.stage, llm_adapters_only=cfg.train.lora.enabled
+        )
+        self.skipped_total = 0
+        self._last_time: float | None = None
+        self._window = {"samples": 0, "tokens": 0}
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def _model_inputs(self, batch: dict) -> dict:
+        return {
+            k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "pixel_values")
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        skipped = int(batch.get("skipped", 0))
+        self.skipped_total += skipped
+        loss = self.model(self._model_inputs(batch)).loss
+        n = batch["input_ids"].shape[0]
+        self._window["samples"] += n
+        self._window["tokens"] += int(batch["attention_mask"].sum())
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Throughput per optimizer step, over the whole world (samples / tokens per second).
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        now = time.perf_counter()
+        if self._last_time is not None:
+            dt = now - self._last_time
+            world = self.trainer.world_size
+            self.log("train/samples_per_s", self._window["samples"] * world / dt, rank_zero_only=True)
+            self.log("train/tokens_per_s", self._window["tokens"] * world / dt, rank_zero_only=True)
+        self._last_time = now
+        self._window = {"samples": 0, "tokens": 0}
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], rank_zero_only=True)
+        self.log("train/skipped_samples", float(self.skipped_total), rank_zero_only=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(self._model_inputs(batch)).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        return loss
+
+    # ---- optimisation --------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.cfg.train)
+        scheduler = build_scheduler(optimizer, self.cfg.train)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.train(mode)  # keeps frozen components in eval mode
+        return self
+
+
+STAGE_MODULES: Registry[FVLModule] = Registry("stage")
+
+
+@STAGE_MODULES.register("pretrain")
+class PretrainModule(FVLModule):
+    """Stage 1: vision tower, projector and LLM all train (the paper's recipe)."""
+
+    stage = "pretrain"
+
+
+@STAGE_MODULES.register("finetune")
+class FinetuneModule(FVLModule):
+    """Stage 2: projector + LLM (or LoRA adapters) train; the vision tower is frozen."""
+
+    stage = "finetune"
+
+    def __init__(self, cfg: DictConfig, init_weights: str | None = None) -> None:
+        if not init_weights:
+            log.warning("finetune without init_from: starting from the model's own initialisation")
+        super().__init__(cfg, init_weights)
+
+
+@STAGE_MODULES.register("align")
+class AlignModule(FVLModule):
+    """The projector alone (LLaVA-style projector warm-up)."""
+
+    stage = "align"
