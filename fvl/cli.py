@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a stage from an experiment YAML")
     tr.add_argument("config", help="experiment YAML, e.g. experiments/pretrain.yaml")
-    tr.add_argument("overrides", nargs="*", help="dot-list overrides: train.max_steps=400 resume=last ...")
+    tr.add_argument("overrides", nargs="*", help="dot-list overrides: trainer.max_steps=400 resume=last ...")
     tr.set_defaults(func=_cmd_train)
 
     sw = sub.add_parser("sweep", help="run a grid of experiments declared in a sweep YAML")

@@ -27,7 +27,7 @@ def test_every_shipped_sweep_loads_at_every_grid_point(path: Path):
     sweep = load_sweep(path)
     points = grid_points(sweep)
     assert points
-    for labels, layers, overrides in points:
+    for _labels, layers, overrides in points:
         for stage in sweep.stages:
             cfg = load(stage, [*sweep.overrides, *overrides], layers=layers)
             assert cfg.model.fusion.features

@@ -93,9 +93,11 @@ def test_parameter_groups_vision_lr_and_no_decay():
 
 
 def test_cosine_schedule_with_warmup():
-    cfg = load(REPO_ROOT / "experiments" / "pretrain.yaml", ["train.max_steps=100", "train.warmup_ratio=0.1"])
+    cfg = load(
+        REPO_ROOT / "experiments" / "pretrain.yaml", ["trainer.max_steps=100", "train.warmup_ratio=0.1"]
+    )
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_scheduler(opt, cfg.train)
+    sched = build_scheduler(opt, cfg.train, cfg.trainer.max_steps)
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])

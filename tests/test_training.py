@@ -46,7 +46,7 @@ def pretrain_run(env):
         cfg_for(
             env,
             "pretrain.yaml",
-            "train.max_steps=40",
+            "trainer.max_steps=40",
             "train.lr=1e-3",
             "train.val_every_n_steps=20",
             "train.checkpoint_every_n_steps=20",
@@ -86,7 +86,7 @@ def test_finetune_from_pretrain_lowers_the_loss_and_records_its_origin(env, pret
         cfg_for(
             env,
             "finetune.yaml",
-            "train.max_steps=30",
+            "trainer.max_steps=30",
             "train.lr=1e-3",
             "train.val_every_n_steps=0",
             "init_from=latest",
@@ -126,7 +126,7 @@ class _LRs(L.Callback):
 
 @pytest.mark.slow
 def test_resume_continues_at_the_same_step_and_lr(env):
-    base = ["train.max_steps=8", "train.warmup_ratio=0.25", "data.val_samples=0", "name=resume"]
+    base = ["trainer.max_steps=8", "train.warmup_ratio=0.25", "data.val_samples=0", "name=resume"]
     straight = _LRs()
     train(cfg_for(env, "pretrain.yaml", *base, "name=straight"), callbacks=[straight])
     first = train(cfg_for(env, "pretrain.yaml", *base), callbacks=[_StopAt(4)])
@@ -148,7 +148,7 @@ def test_two_process_ddp_on_cpu(env):
     cmd = [
         sys.executable, "-m", "fvl.cli", "train", str(REPO_ROOT / "experiments" / "pretrain.yaml"), *env["overrides"],
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "train.global_batch_size=16",
-        "train.max_steps=3", "data.val_samples=8", "name=ddp",
+        "trainer.max_steps=3", "data.val_samples=8", "name=ddp",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=env["root"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -163,7 +163,7 @@ def test_sweep_of_two_runs_lands_two_tagged_runs_and_survives_a_failure(env, tmp
     sweep = tmp_path / "sweep.yaml"
     exp = REPO_ROOT / "experiments"
     sweep.write_text(
-        f"sweep: mini\nstages: [{exp / 'pretrain.yaml'}]\noverrides: [train.max_steps=2, data.val_samples=0]\n"
+        f"sweep: mini\nstages: [{exp / 'pretrain.yaml'}]\noverrides: [trainer.max_steps=2, data.val_samples=0]\n"
         f"grid:\n  fusion: [{exp / 'fusion' / 'avg_pool.yaml'}, {exp / 'fusion' / 'davit_only.yaml'}]\n  train.lr: [1e-3, -1]\n"
     )
     runs = run_sweep(sweep, env["overrides"])

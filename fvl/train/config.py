@@ -39,7 +39,6 @@ class TrainConfig:
     weight_decay: AdamW weight decay (0 in the paper's recipe); never applied to biases and norms.
     betas: AdamW betas.
     warmup_ratio: linear warm-up over this fraction of the steps, then cosine decay to 0.
-    max_steps: optimizer steps of the run (the schedule's length).
     global_batch_size: samples per optimizer step over all devices and nodes; gradient accumulation is
       derived from it and ``data.batch_size`` (it must divide evenly).
     grad_clip: clip the global gradient norm to this (0: off).
@@ -55,7 +54,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
-    max_steps: int = 1000
     global_batch_size: int = 32
     grad_clip: float = 1.0
     optimizer: str = "adamw"
@@ -71,8 +69,8 @@ class TrainConfig:
             raise ValueError("train.lr must be positive and train.vision_lr non-negative")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("train.warmup_ratio must be in [0, 1)")
-        if self.max_steps <= 0 or self.global_batch_size <= 0:
-            raise ValueError("train.max_steps and train.global_batch_size must be positive")
+        if self.global_batch_size <= 0:
+            raise ValueError("train.global_batch_size must be positive")
         if len(self.betas) != 2:
             raise ValueError("train.betas needs two values")
 
@@ -81,18 +79,24 @@ class TrainConfig:
 class TrainerConfig:
     """The Lightning Trainer.
 
+    max_steps: optimizer steps of the run (also the length of the LR schedule).
     accelerator: ``auto`` | ``cpu`` | ``gpu``. devices: per node (``auto`` or a count). num_nodes: nodes.
     strategy: auto, ddp, ddp_spawn, fsdp, deepspeed_stage_2, deepspeed_stage_3 (any Lightning strategy name).
     precision: ``auto`` (bf16-mixed where the hardware supports it, else 32) or a Lightning precision.
     progress: show the Rich progress bar.
     """
 
+    max_steps: int = 1000
     accelerator: str = "auto"
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "auto"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0:
+            raise ValueError("trainer.max_steps must be positive")
 
 
 @dataclass

@@ -88,7 +88,7 @@ class FVLModule(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.cfg.train)
-        scheduler = build_scheduler(optimizer, self.cfg.train)
+        scheduler = build_scheduler(optimizer, self.cfg.train, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def train(self, mode: bool = True):

@@ -43,7 +43,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_ratio`` of ``max_steps`` (at least one step), cosine decay to 0."""
-    warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.max_steps)) if cfg.warmup_ratio > 0 else 0
-    return get_cosine_schedule_with_warmup(optimizer, warmup, cfg.max_steps)
+    warmup = max(1, math.ceil(cfg.warmup_ratio * max_steps)) if cfg.warmup_ratio > 0 else 0
+    return get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)

@@ -72,7 +72,7 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) 
 
 
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResult:
-    """Run ``cfg`` (a loaded experiment config) to ``train.max_steps`` and return its summary."""
+    """Run ``cfg`` (a loaded experiment config) to ``trainer.max_steps`` and return its summary."""
     L.seed_everything(cfg.seed, workers=True)
     resume_ckpt, resume_info = (
         resolve_resume(cfg.resume, cfg.output_dir, cfg.name, cfg.stage) if cfg.resume else (None, {})
@@ -125,7 +125,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResu
         num_nodes=cfg.trainer.num_nodes,
         strategy=build_strategy(cfg.trainer.strategy, module.model, cfg.model.llm.gradient_checkpointing),
         precision=precision,
-        max_steps=cfg.train.max_steps,
+        max_steps=cfg.trainer.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=cfg.train.grad_clip or None,

@@ -4,7 +4,7 @@
 sweep: fusion                       # the MLflow tag `sweep` of every run
 stages: [../pretrain.yaml, ../finetune.yaml]   # run in order per grid point; a later stage starts from
                                     # the previous stage's checkpoint of the same point
-overrides: [train.max_steps=300]    # applied to every run
+overrides: [trainer.max_steps=300]    # applied to every run
 grid:                               # the cartesian product of the axes
   fusion: [../fusion/dbfusion.yaml, ../fusion/avg_pool.yaml]   # YAML files: merged on top, labelled by stem
   seed: [0, 1]                      # values of the config key named by the axis

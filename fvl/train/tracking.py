@@ -63,10 +63,9 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 
 def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
     uri = tracking_uri(cfg)
+    # A SQLite store keeps its artifacts beside the database file (mlruns/ for the default store).
     artifacts = (
-        Path(DEFAULT_DIR).resolve().as_uri()
-        if uri.startswith("sqlite:///") and not cfg.tracking.uri
-        else None
+        Path(uri[len("sqlite:///") :]).resolve().parent.as_uri() if uri.startswith("sqlite:///") else None
     )
     return MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
