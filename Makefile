@@ -49,8 +49,12 @@ SWEEP ?= experiments/sweeps/fusion.yaml
 sweep: $(STAMP)
 	$(VENV)/bin/fvl sweep $(SWEEP) $(ARGS)
 
+CKPT ?=
 eval: $(STAMP)
-	$(VENV)/bin/fvl eval $(CKPT) $(ARGS)
+	$(VENV)/bin/fvl eval $(if $(CKPT),$(CKPT),latest) $(ARGS)
+
+notebooks: $(STAMP)
+	$(PY) -m fvl.notebooks
 
 RECIPE ?= synthetic
 shards: $(STAMP)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -98,13 +99,128 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r.status == "ok" for r in runs) else 1
 
 
-def _cmd_not_yet(args: argparse.Namespace) -> int:
-    print(
-        f"fvl {args.command}: not available in this version yet - it lands with the training / data / evaluation "
-        "issues (see the README's roadmap). Available now: fvl info, fvl export.",
-        file=sys.stderr,
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from fvl.eval.benchmarks import resolve_benchmark
+    from fvl.eval.evaluate import evaluate, log_to_mlflow, print_results
+    from fvl.train.checkpointing import load_for_inference, resolve_checkpoint
+    from fvl.train.tracking import tracking_uri
+
+    ckpt = resolve_checkpoint(args.checkpoint, args.runs)
+    model = load_for_inference(ckpt)
+    out = Path(args.out) if args.out else ckpt.parent.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    results, paths = [], []
+    for spec in args.bench or ["synthetic"]:
+        bench = resolve_benchmark(spec, args.samples)
+        result = evaluate(model, bench, args.batch_size, args.max_new_tokens, progress=not args.quiet)
+        path = out / f"{bench.name}.json"
+        path.write_text(json.dumps(result.to_json(), indent=1))
+        results.append(result)
+        paths.append(path)
+        print_results(result)
+    run_id = log_to_mlflow(results, ckpt, tracking_uri(), paths)
+    print(f"results: {', '.join(str(p) for p in paths)}; MLflow run {run_id}")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from fvl.train.checkpointing import load_for_inference, resolve_checkpoint
+
+    model = load_for_inference(resolve_checkpoint(args.checkpoint, args.runs))
+    image = Image.open(args.image).convert("RGB") if args.image else None
+
+    def answer(question: str) -> str:
+        return model.generate([image], [question], max_new_tokens=args.max_new_tokens)[0]
+
+    if args.question:
+        print(answer(" ".join(args.question)))
+        return 0
+    print("fvl chat: type a question; ':image PATH' changes the image; ':quit' or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line in (":quit", ":q"):
+            return 0
+        if line.startswith(":image "):
+            image = Image.open(line.split(" ", 1)[1].strip()).convert("RGB")
+            continue
+        if line:
+            print(answer(line))
+
+
+def _analysis_model(spec: str, runs: str):
+    """A checkpoint (file, run folder, 'latest') or a model preset built with its own init."""
+    from fvl.config import EXPERIMENTS_DIR, load
+    from fvl.models import build_model
+    from fvl.train.checkpointing import load_for_inference, resolve_checkpoint
+
+    if (EXPERIMENTS_DIR / "models" / f"{spec}.yaml").exists():
+        return build_model(load(spec).model).eval()
+    return load_for_inference(resolve_checkpoint(spec, runs))
+
+
+def _log_analysis(kind: str, files: list[Path], tags: dict[str, str]) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from fvl.train.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("fvl") or client.get_experiment(client.create_experiment("fvl"))
+    run_id = client.create_run(
+        exp.experiment_id, tags={"analysis": kind, "mlflow.runName": kind, **tags}
+    ).info.run_id
+    for f in files:
+        client.log_artifact(run_id, str(f), artifact_path=kind)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from fvl.eval.align import alignment_curves, parse_variant, write_curves
+
+    model = _analysis_model(args.model, args.runs)
+    specs = args.variant or [str(p) for p in DEFAULT_ALIGN_VARIANTS]
+    variants = [parse_variant(v) for v in specs]
+    curves = alignment_curves(
+        model, variants, args.steps, args.batch_size, args.samples, args.lr, args.temperature, args.seed
     )
-    return 2
+    csv_path, png_path = write_curves(curves, args.out)
+    for label, losses in curves.items():
+        print(f"{label:>16}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    run_id = _log_analysis("align", [csv_path, png_path], {"model": args.model})
+    print(f"wrote {png_path} and {csv_path}; MLflow run {run_id}")
+    return 0
+
+
+def _cmd_pca(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from fvl.data.synthetic import generate
+    from fvl.eval.pca import pca_panels, write_pca
+
+    model = _analysis_model(args.model, args.runs)
+    image = (
+        Image.open(args.image).convert("RGB")
+        if args.image
+        else generate(args.index, "test", image_size=model.vision.image_size).image
+    )
+    panels = pca_panels(model, image, args.feature, args.threshold)
+    png, csv_path = write_pca(image, panels, args.out)
+    run_id = _log_analysis("pca", [png, csv_path], {"model": args.model})
+    print(f"wrote {png} ({len(panels)} panels) and {csv_path}; MLflow run {run_id}")
+    return 0
+
+
+DEFAULT_ALIGN_VARIANTS = [
+    Path(__file__).resolve().parent.parent / "experiments" / "fusion" / f"{n}.yaml"
+    for n in ("dbfusion", "minus_davit", "minus_caption", "minus_ocr", "minus_grounding", "davit_only")
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,10 +273,53 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="dot-list overrides applied to every run")
     sw.set_defaults(func=_cmd_sweep)
 
-    for name in ("eval", "chat", "align", "pca"):
-        p = sub.add_parser(name, help="(coming)", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_cmd_not_yet)
+    ev = sub.add_parser(
+        "eval", help="evaluate a checkpoint on benchmarks (default: the synthetic test split)"
+    )
+    ev.add_argument("checkpoint", nargs="?", default="latest", help="weights file, run folder or 'latest'")
+    ev.add_argument("--bench", action="append", help="'synthetic' or NAME=PATH (parquet); repeatable")
+    ev.add_argument("--samples", type=int, default=700, help="synthetic test questions (100 per skill kind)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--out", default=None, help="folder for the JSON results (default: the run's eval/)")
+    ev.add_argument("--runs", default="runs", help="where 'latest' looks for runs")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    ch = sub.add_parser("chat", help="ask a checkpoint about an image")
+    ch.add_argument("checkpoint", help="weights file, run folder or 'latest'")
+    ch.add_argument("question", nargs="*", help="the question (none: an interactive loop)")
+    ch.add_argument("--image", default=None, help="image file")
+    ch.add_argument("--max-new-tokens", type=int, default=64)
+    ch.add_argument("--runs", default="runs")
+    ch.set_defaults(func=_cmd_chat)
+
+    al = sub.add_parser(
+        "align", help="the paper's vision-language alignment loss for several fusion variants"
+    )
+    al.add_argument("--model", default="tiny", help="checkpoint (file, run folder, 'latest') or model preset")
+    al.add_argument("--variant", action="append", help="fusion YAML or LABEL=FUSION:feat+feat; repeatable")
+    al.add_argument("--steps", type=int, default=200)
+    al.add_argument("--batch-size", type=int, default=64)
+    al.add_argument("--samples", type=int, default=1024, help="synthetic caption pairs")
+    al.add_argument("--lr", type=float, default=1e-3)
+    al.add_argument("--temperature", type=float, default=0.07)
+    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--out", default="outputs/align")
+    al.add_argument("--runs", default="runs")
+    al.set_defaults(func=_cmd_align)
+
+    pc = sub.add_parser("pca", help="PCA of each named vision feature of an image (the paper's Fig. 3)")
+    pc.add_argument("--model", default="tiny", help="checkpoint (file, run folder, 'latest') or model preset")
+    pc.add_argument("--image", default=None, help="image file (default: a synthetic test image)")
+    pc.add_argument("--index", type=int, default=0, help="synthetic test image index when no --image")
+    pc.add_argument("--feature", action="append", help="feature names (default: all)")
+    pc.add_argument(
+        "--threshold", type=float, default=0.5, help="first-component threshold for the background"
+    )
+    pc.add_argument("--out", default="outputs/pca")
+    pc.add_argument("--runs", default="runs")
+    pc.set_defaults(func=_cmd_pca)
     return parser
 
 

@@ -155,3 +155,40 @@ def resolve_resume(resume: str, output_dir: str, name: str, stage: str) -> tuple
         raise FileNotFoundError(f"resume={resume}: no such checkpoint")
     info_path = path.parent.parent / RUN_INFO
     return path, json.loads(info_path.read_text()) if info_path.exists() else {}
+
+
+def resolve_checkpoint(spec: str, output_dir: str | Path = "runs") -> Path:
+    """Model weights for inference: a file, a run folder, or ``latest`` (the newest finetune run, else the
+    newest pretrain run, under ``output_dir``)."""
+    if spec == "latest":
+        for stage in ("finetune", "pretrain"):
+            runs = find_runs(output_dir, stage=stage)
+            if runs:
+                return model_weights_of_run(runs[0][0])
+        raise FileNotFoundError(
+            f"no runs under {output_dir}/: train one first (make pretrain, make finetune)"
+        )
+    path = Path(spec)
+    if path.is_dir():
+        return model_weights_of_run(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {spec} not found")
+    if path.suffix == ".ckpt" and path.with_suffix(".safetensors").exists():
+        return path.with_suffix(".safetensors")
+    return path
+
+
+def load_for_inference(path: Path):
+    """The model of a checkpoint: safetensors carry their config; a ``.ckpt`` uses its run's config.yaml."""
+    from fvl.models import build_model, load_checkpoint
+
+    if path.suffix == ".safetensors":
+        return load_checkpoint(path).eval()
+    from omegaconf import OmegaConf
+
+    cfg_path = path.parent.parent / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path}: a .ckpt needs its run's config.yaml at {cfg_path}")
+    model = build_model(OmegaConf.load(cfg_path).model)
+    load_model_weights(model, path)
+    return model.eval()

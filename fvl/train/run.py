@@ -150,6 +150,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResu
             logger.experiment.set_tag(logger.run_id, "resumed_from", str(resume_ckpt))
         else:
             log_setup(logger, cfg, run_dir, module.trainable_counts)
+            logger.log_hyperparams({"model.num_image_tokens": module.model.num_image_tokens})
         logger.experiment.set_tag(logger.run_id, "run_dir", str(run_dir))
         if init_run:
             logger.experiment.set_tag(logger.run_id, "pretrain_run_id", init_run)

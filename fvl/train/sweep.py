@@ -5,6 +5,7 @@ sweep: fusion                       # the MLflow tag `sweep` of every run
 stages: [../pretrain.yaml, ../finetune.yaml]   # run in order per grid point; a later stage starts from
                                     # the previous stage's checkpoint of the same point
 overrides: [trainer.max_steps=300]    # applied to every run
+eval: {samples: 350}                # optional: score each point's last stage on the synthetic test split
 grid:                               # the cartesian product of the axes
   fusion: [../fusion/dbfusion.yaml, ../fusion/avg_pool.yaml]   # YAML files: merged on top, labelled by stem
   seed: [0, 1]                      # values of the config key named by the axis
@@ -36,6 +37,7 @@ class SweepRun:
     status: str = "pending"
     result: Any = None
     error: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Sweep:
     overrides: list[str]
     axes: dict[str, list[Any]]
     path: Path
-    points: list[dict[str, Any]] = field(default_factory=list)
+    eval_samples: int = 0  # > 0: score each grid point's last checkpoint on the synthetic test split
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -53,9 +55,11 @@ def load_sweep(path: str | Path) -> Sweep:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep must be a mapping")
-    unknown = set(raw) - {"sweep", "stages", "overrides", "grid"}
+    unknown = set(raw) - {"sweep", "stages", "overrides", "grid", "eval"}
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (expected sweep, stages, overrides, grid)")
+        raise ConfigError(
+            f"{path}: unknown keys {sorted(unknown)} (expected sweep, stages, overrides, grid, eval)"
+        )
     if not raw.get("sweep") or not raw.get("stages"):
         raise ConfigError(f"{path}: 'sweep' (a name) and 'stages' (experiment YAMLs) are required")
     stages = [(path.parent / s).resolve() for s in raw["stages"]]
@@ -70,7 +74,12 @@ def load_sweep(path: str | Path) -> Sweep:
             (path.parent / v).resolve() if isinstance(v, str) and v.endswith((".yaml", ".yml")) else v
             for v in values
         ]
-    return Sweep(raw["sweep"], stages, list(raw.get("overrides") or []), axes, path)
+    evaluation = raw.get("eval") or {}
+    if evaluation and set(evaluation) - {"samples"}:
+        raise ConfigError(f"{path}: eval takes only 'samples' (synthetic test questions per run)")
+    return Sweep(
+        raw["sweep"], stages, list(raw.get("overrides") or []), axes, path, int(evaluation.get("samples", 0))
+    )
 
 
 def grid_points(sweep: Sweep) -> list[tuple[dict[str, str], list[Path], list[str]]]:
@@ -114,12 +123,32 @@ def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_
                 cfg = load(stage_file, overrides, layers=layers)
                 run.stage = cfg.stage
                 run.result = previous = train_fn(cfg)
+                if sweep.eval_samples and stage_file == sweep.stages[-1]:
+                    run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval_samples)
                 run.status = "ok"
             except Exception as e:  # reported, and the sweep goes on
                 run.status, run.error = "failed", f"{type(e).__name__}: {e}"
                 log.error("sweep run %s (%s) failed:\n%s", run_name, stage_file.stem, traceback.format_exc())
                 break  # later stages of this point have nothing to start from
     return runs
+
+
+def evaluate_run(checkpoint: Path, cfg, samples: int) -> dict[str, float]:
+    """Synthetic test-split scores of a checkpoint, logged on its own MLflow run; returns them per kind."""
+    from fvl.eval.benchmarks import synthetic
+    from fvl.eval.evaluate import evaluate, log_to_mlflow
+    from fvl.train.checkpointing import load_for_inference
+    from fvl.train.tracking import tracking_uri
+
+    result = evaluate(load_for_inference(Path(checkpoint)), synthetic(samples), progress=False)
+    out = Path(checkpoint).parent.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "synthetic.json"
+    import json
+
+    path.write_text(json.dumps(result.to_json(), indent=1))
+    log_to_mlflow([result], Path(checkpoint), tracking_uri(cfg), [path])
+    return {"score": result.aggregate["score"], **{g: v["score"] for g, v in result.groups.items()}}
 
 
 def print_sweep_summary(name: str, runs: list[SweepRun]) -> None:
@@ -129,12 +158,21 @@ def print_sweep_summary(name: str, runs: list[SweepRun]) -> None:
     table = Table(
         title=f"sweep {name}: {sum(r.status == 'ok' for r in runs)} ok, {sum(r.status == 'failed' for r in runs)} failed"
     )
-    for col in ("run", "stage", "status", "train loss", "val loss", "seconds", "MLflow run"):
+    for col in (
+        "run",
+        "stage",
+        "status",
+        "train loss",
+        "val loss",
+        "synthetic score",
+        "seconds",
+        "MLflow run",
+    ):
         table.add_column(col)
     for r in runs:
         res = r.result
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"  # noqa: E731
         table.add_row(r.name, r.stage, r.status if r.status == "ok" else f"[red]{r.error[:60]}",
-                      fmt(getattr(res, "last_loss", None)), fmt(getattr(res, "val_loss", None)),
+                      fmt(getattr(res, "last_loss", None)), fmt(getattr(res, "val_loss", None)), fmt(r.scores.get("score")),
                       f"{res.seconds:.0f}" if res else "-", getattr(res, "mlflow_run_id", "-"))  # fmt: skip
     Console().print(table)

@@ -17,8 +17,9 @@ from fvl.config import REPO_ROOT
 DEFAULT_DIR = "mlruns"
 
 
-def tracking_uri(cfg: DictConfig) -> str:
-    if cfg.tracking.uri:
+def tracking_uri(cfg: DictConfig | None = None) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store ``mlruns/mlflow.db``."""
+    if cfg is not None and cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]

@@ -1,0 +1,1 @@
+"""Evaluation and analysis: benchmark metrics, fvl eval, alignment loss, feature PCA."""

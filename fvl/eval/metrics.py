@@ -1,0 +1,522 @@
+"""Benchmark metrics as torchmetrics ``Metric`` subclasses, each reproducing a standard evaluator exactly.
+
+=========================  ===============================================================================
+``VQAAccuracy``            VQAv2 / TextVQA accuracy as lmms-eval computes it (``EvalAIAnswerProcessor``)
+``ANLS``                   DocVQA / InfoVQA ANLS as lmms-eval computes it (``lmms_eval/api/metrics.py``)
+``RelaxedAccuracy``        ChartQA relaxed accuracy (lmms-eval ``relaxed_correctness``, from Qwen-VL)
+``POPEMetrics``            POPE accuracy / precision / recall / F1 / yes-ratio (LLaVA ``eval_pope.py``)
+``MultipleChoiceAccuracy`` option-letter accuracy for free-form answers (our documented extraction rule)
+=========================  ===============================================================================
+
+Every metric keeps its state as tensors registered with ``dist_reduce_fx="sum"``, so it is exact under DDP
+(and ``merge_state`` works). ``update(predictions, references)`` takes one prediction per sample and, per
+sample, either a list of reference strings or one plain string (a single reference). The per-sample scores
+are plain functions too (``vqa_score``, ``anls_score``, ``relaxed_accuracy_score``, ``pope_parse``,
+``multiple_choice_score``) so an evaluation can write them per sample.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = [
+    "ANLS",
+    "MultipleChoiceAccuracy",
+    "POPEMetrics",
+    "RelaxedAccuracy",
+    "VQAAccuracy",
+    "anls_score",
+    "extract_choice",
+    "levenshtein_distance",
+    "multiple_choice_score",
+    "normalize_vqa_answer",
+    "pope_parse",
+    "relaxed_accuracy_score",
+    "relaxed_correctness",
+    "vqa_score",
+]
+
+References = Sequence[Sequence[str] | str]
+
+
+# --------------------------------------------------------------------------------------------------------
+# VQA answer normalisation: the tables of lmms-eval's EvalAIAnswerProcessor
+# (lmms_eval/tasks/_task_utils/vqa_eval_metric.py, itself from facebookresearch/mmf pythia processors.py).
+# They are data: every entry, including the odd ones, must stay as in the original.
+# --------------------------------------------------------------------------------------------------------
+
+# Note: the keys with capitals ("Id've", "Im", "Ive") can never match because the text is lower-cased first;
+# they are kept because the original has them. "somebody'd" -> "somebodyd" is the original's (reversed) entry.
+# fmt: off
+_CONTRACTIONS: dict[str, str] = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+_NUMBER_MAP: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = ("a", "an", "the")
+_PUNCTUATIONS = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+)
+# fmt: on
+# The original pattern, typo included: "(?!<=\d)" is a negative *lookahead* for the text "<=<digit>" (it was
+# meant as a lookbehind), so it always holds before a "." and the pattern removes every "." not followed by
+# a digit ("5." -> "5", "a.b" -> "ab", "3.5" and ".5" kept).
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+# The original calls ``PERIOD_STRIP.sub("", text, re.UNICODE)``: the flag lands in the ``count`` argument,
+# so at most int(re.UNICODE) == 32 periods are removed. Reproduced, since it is what the standard does.
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
+
+
+def _word_tokenize(text: str) -> str:
+    # Lower-case, drop every "," and "?", detach the possessive "'s" into its own token.
+    return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+
+
+def _process_punctuation(in_text: str) -> str:
+    """``EvalAIAnswerProcessor.process_punctuation``: each punctuation mark is deleted when it touches a space
+    (or when the text has a comma between digits, e.g. "1,000"), else replaced by a space; then periods not
+    followed by a digit are removed. The conditions test the *input* text, not the text being rewritten."""
+    has_digit_comma = _COMMA_STRIP.search(in_text) is not None
+    out_text = in_text
+    for p in _PUNCTUATIONS:
+        if p + " " in in_text or " " + p in in_text or has_digit_comma:
+            out_text = out_text.replace(p, "")
+        else:
+            out_text = out_text.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out_text, count=_PERIOD_STRIP_COUNT)
+
+
+def _process_digit_article(in_text: str) -> str:
+    """``EvalAIAnswerProcessor.process_digit_article``: lower-case, split on whitespace, number words to digits
+    ("two" -> "2"), drop articles, then expand contractions ("dont" -> "don't"); joined by single spaces."""
+    words = [_NUMBER_MAP.get(w, w) for w in in_text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """The full ``EvalAIAnswerProcessor`` (what every VQA prediction goes through): word-tokenise, turn
+    newlines and tabs into spaces, strip, ``process_punctuation``, ``process_digit_article``."""
+    text = _word_tokenize(text).replace("\n", " ").replace("\t", " ").strip()
+    return _process_digit_article(_process_punctuation(text))
+
+
+def _as_reference_list(refs: Sequence[str] | str) -> list[str]:
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    if not refs:
+        raise ValueError("every sample needs at least one reference")
+    return refs
+
+
+def vqa_score(
+    prediction: str, references: Sequence[str] | str, mode: Literal["vqav2", "textvqa"] = "vqav2"
+) -> float:
+    """VQA accuracy of one answer, as lmms-eval's ``vqav2_process_results`` (``mode="vqav2"``, the default)
+    or ``textvqa_process_results`` (``mode="textvqa"``) computes it.
+
+    ``vqav2``: the prediction goes through the full ``normalize_vqa_answer``. The references only have
+    newlines/tabs turned into spaces and are stripped; then, *only if they are not all identical*, the
+    references go through ``process_punctuation`` + ``process_digit_article`` and so does the prediction
+    (a second time). So when all annotators agree, the raw reference is compared with the normalised
+    prediction: ten references "Two" score 0 against "two" (normalised to "2"), while nine "Two" and one
+    "2" score 1.0.
+
+    ``textvqa``: every reference goes through the full ``normalize_vqa_answer`` (no identical-references
+    special case), and the prediction is normalised once.
+
+    Score: the mean over annotators i of ``min(1, #{j != i : ref_j == pred} / 3)``; leave-one-out is by
+    position (VQAv2's answers are distinct by ``answer_id``). With 10 references and m matches this is
+    0.3 / 0.6 / 0.9 / 1.0 for m = 1 / 2 / 3 / >= 4. Conventions for fewer references: 2..9 references use
+    the same formula (so 2 references both matching give 1/3); a single reference scores 1.0 when the
+    normalised prediction equals it and 0.0 otherwise (the all-identical rule applies, so a single
+    reference is not normalised; pre-normalise it with ``normalize_vqa_answer`` if it needs it).
+    """
+    refs = _as_reference_list(references)
+    pred = normalize_vqa_answer(prediction)
+    if mode == "textvqa":
+        refs = [normalize_vqa_answer(r) for r in refs]
+    elif mode == "vqav2":
+        refs = [r.replace("\n", " ").replace("\t", " ").strip() for r in refs]
+        if len(set(refs)) > 1:
+            refs = [_process_digit_article(_process_punctuation(r)) for r in refs]
+            pred = _process_digit_article(_process_punctuation(pred))
+    else:
+        raise ValueError(f"unknown VQA mode {mode!r}: expected 'vqav2' or 'textvqa'")
+    if len(refs) == 1:  # leave-one-out would always give 0: score the single reference directly
+        return float(pred == refs[0])
+    matches = [r == pred for r in refs]
+    total = sum(matches)
+    # statistics.mean as in the original, so the float result is bit-identical (e.g. exactly 0.3).
+    return float(statistics.mean(min(1, float(total - m) / 3) for m in matches))
+
+
+# --------------------------------------------------------------------------------------------------------
+# ANLS (lmms_eval/api/metrics.py: ``anls`` and ``levenshtein_distance``, from Qwen-VL's infographicsvqa_eval)
+# --------------------------------------------------------------------------------------------------------
+
+
+def levenshtein_distance(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions all cost 1), two-row dynamic programme."""
+    if len(a) < len(b):
+        a, b = b, a  # keep the row over the shorter string
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def anls_score(prediction: str, references: Sequence[str] | str, threshold: float = 0.5) -> float:
+    """ANLS of one answer as lmms-eval computes it for DocVQA / InfoVQA.
+
+    Per reference: both strings are stripped, lower-cased and whitespace-collapsed, and their Levenshtein
+    distance is divided by ``max(len(ref.upper()), len(pred.upper()))`` of the *raw* strings (lmms-eval's
+    quirk: surrounding/double spaces count in the length, and ``.upper()`` can change it, "ß" -> "SS"), or
+    is 0 when both raw strings are empty. The score is ``1 - min`` over references, set to 0 when below
+    ``threshold`` (a score of exactly 0.5 is kept).
+    """
+    refs = _as_reference_list(references)
+    det = " ".join(prediction.strip().lower().split())
+    values = []
+    for ref in refs:
+        gt = " ".join(ref.strip().lower().split())
+        length = max(len(ref.upper()), len(prediction.upper()))
+        values.append(0.0 if length == 0 else levenshtein_distance(gt, det) / length)
+    score = 1.0 - min(values)
+    return 0.0 if score < threshold else score
+
+
+# --------------------------------------------------------------------------------------------------------
+# ChartQA relaxed accuracy (lmms_eval/tasks/chartqa/utils.py: ``relaxed_correctness``)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _to_float(text: str) -> float | None:
+    # float() itself accepts surrounding whitespace, "1e3", "inf", "nan", "1_000" and a trailing "." ("12.");
+    # a trailing "%" (rstrip: any number of them) divides by 100. Anything else is not a number.
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
+    """lmms-eval's ``relaxed_correctness``: when the prediction parses as a float and the target parses to a
+    non-zero float, correct iff ``|p - t| / |t| <= max_relative_change``; otherwise (non-numeric, or a
+    target of 0) an exact match of the lower-cased strings. Nothing is stripped here."""
+    p, t = _to_float(prediction), _to_float(target)
+    if p is not None and t:  # t == 0.0 (and None) falls back to the string match, as in the original
+        return abs(p - t) / abs(t) <= max_relative_change
+    return prediction.lower() == target.lower()
+
+
+def relaxed_accuracy_score(
+    prediction: str, references: Sequence[str] | str, max_relative_change: float = 0.05
+) -> float:
+    """ChartQA relaxed accuracy of one answer: 1.0 if ``relaxed_correctness`` holds for any reference.
+
+    lmms-eval's ``chartqa_process_results`` passes the raw generation (``results[0]``) unchanged: the
+    prediction is *not* stripped and a trailing period is *not* removed before comparing (only ``float()``
+    itself tolerates surrounding whitespace, so " 12 " still matches 12 numerically, while "Yes." does not
+    match "Yes"). We do the same.
+    """
+    refs = _as_reference_list(references)
+    return float(any(relaxed_correctness(prediction, r, max_relative_change) for r in refs))
+
+
+# --------------------------------------------------------------------------------------------------------
+# POPE (LLaVA llava/eval/eval_pope.py)
+# --------------------------------------------------------------------------------------------------------
+
+
+def pope_parse(answer: str) -> Literal["yes", "no"]:
+    """LLaVA ``eval_pope.py``: keep the text before the first ".", remove ",", split on single spaces;
+    "no" when one of the words is exactly "No", "not" or "no", else "yes". (So "Not really" is "yes" and
+    "No!" is "yes": the words are matched exactly, case-sensitively, as in the original.)"""
+    text = answer.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
+
+
+def _pope_label(refs: Sequence[str] | str) -> bool:
+    refs = _as_reference_list(refs)
+    if len(refs) != 1:
+        raise ValueError(f"a POPE sample has exactly one label, got {refs!r}")
+    label = refs[0].strip().lower()
+    if label not in ("yes", "no"):
+        raise ValueError(f"POPE labels are 'yes' or 'no', got {refs[0]!r}")
+    return label == "yes"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multiple choice
+# --------------------------------------------------------------------------------------------------------
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# The whole answer is a letter: "B", "B.", "B)", "B:", "(B)", "(B).".
+_BARE_LETTER = re.compile(r"(?:\(([A-Z])\)|([A-Z]))[.:)]?")
+# A letter with a delimiter, then text: "B. a cat", "B) a cat", "B: a cat", "(B) a cat". The delimiter is
+# required so that the article in "A cat" is not read as option A.
+_LEADING_LETTER = re.compile(r"(?:\(([A-Z])\)|([A-Z])[.:)])\s")
+# "Answer: B", "The answer is (B).", "the correct answer is: C": a capital letter standing alone (or in
+# parentheses) right after "answer" [+ "is"] [+ ":"].
+_ANSWER_IS = re.compile(r"\b(?i:answer)(?:\s+(?i:is))?\s*:?\s*(?:\(([A-Z])\)|([A-Z])(?![A-Za-z0-9]))")
+
+
+def _option_text_key(text: str) -> str:
+    text = text.strip().lower()
+    return text[:-1].strip() if text.endswith(".") else text
+
+
+def extract_choice(answer: str, options: Sequence[str] | None = None) -> str | None:
+    """The option letter a free-form answer names, or ``None``.
+
+    The allowed letters are A..Z, or the first ``len(options)`` letters when the option texts are given.
+    On the stripped answer, the first of these rules that yields an allowed letter wins:
+
+    1. the whole answer is a capital letter, optionally in parentheses and/or followed by ".", ")" or ":"
+       ("B", "B.", "B)", "B:", "(B)", "(B).");
+    2. the whole answer is a single lower-case letter ("b"); no other lower-case form is accepted, so the
+       article in "a cat" is never read as A;
+    3. (with ``options``) the answer equals one option's text, compared lower-cased, stripped and without
+       one trailing period ("A cat." matches the option "a cat");
+    4. the answer starts with a capital letter followed by ".", ")" or ":" (or a parenthesised letter) and a
+       space ("B. a cat", "B) a cat", "(B) a cat");
+    5. "answer" (any case), optionally "is", optionally ":", then a capital letter standing alone or in
+       parentheses, first occurrence ("Answer: B", "The answer is (B).").
+
+    Anything else (e.g. "I think B") has no letter and is scored wrong.
+    """
+    allowed = _LETTERS if options is None else _LETTERS[: len(options)]
+    text = answer.strip()
+    candidates: list[str | None] = []
+    if m := _BARE_LETTER.fullmatch(text):
+        candidates.append(m.group(1) or m.group(2))
+    if len(text) == 1 and text.islower():
+        candidates.append(text.upper())
+    if options is not None:
+        key = _option_text_key(text)
+        candidates += [
+            _LETTERS[i] for i, opt in enumerate(options[: len(_LETTERS)]) if _option_text_key(opt) == key
+        ]
+    if m := _LEADING_LETTER.match(text):
+        candidates.append(m.group(1) or m.group(2))
+    if m := _ANSWER_IS.search(text):
+        candidates.append(m.group(1) or m.group(2))
+    return next((c for c in candidates if c is not None and len(c) == 1 and c in allowed), None)
+
+
+def _reference_letter(ref: str) -> str:
+    m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", ref.strip())
+    if m is None:
+        raise ValueError(f"multiple-choice references are option letters, got {ref!r}")
+    return m.group(1).upper()
+
+
+def multiple_choice_score(
+    prediction: str, references: Sequence[str] | str, options: Sequence[str] | None = None
+) -> float:
+    """1.0 when the letter ``extract_choice`` finds in the prediction is one of the reference letters
+    (references: "C", also "c", "(C)", "C."), else 0.0 (also when no letter is found)."""
+    letters = {_reference_letter(r) for r in _as_reference_list(references)}
+    return float(extract_choice(prediction, options) in letters)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The torchmetrics classes
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_batch(predictions: Sequence[str], references: References) -> None:
+    # A bare string is a Sequence too: it would silently be scored character by character.
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise TypeError("predictions and references are sequences with one entry per sample, not a string")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+
+
+class _MeanScore(Metric):
+    """Mean of a per-sample score. State: the score sum (float64, so that sums over millions of samples stay
+    exact to well below reporting precision) and the sample count, both summed across processes."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    score_sum: Tensor
+    total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _add(self, scores: list[float]) -> None:
+        # Scores are computed for the whole batch before the state changes, so a bad sample leaves it intact.
+        self.score_sum += torch.tensor(sum(scores), dtype=torch.float64, device=self.score_sum.device)
+        self.total += len(scores)
+
+    def compute(self) -> Tensor:
+        """The mean score over all samples seen (all processes); 0.0 before any sample."""
+        if self.total == 0:
+            return torch.zeros((), dtype=torch.float64, device=self.score_sum.device)
+        return self.score_sum / self.total
+
+
+class VQAAccuracy(_MeanScore):
+    """VQAv2 accuracy exactly as lmms-eval's ``vqav2_process_results`` computes it (official VQA evaluation
+    with ``EvalAIAnswerProcessor``), or TextVQA's ``textvqa_process_results`` with ``mode="textvqa"``.
+    See ``vqa_score`` for the normalisation, the identical-references quirk, the 0.3/0.6/0.9/1.0 ladder and
+    the conventions for fewer than 10 references."""
+
+    def __init__(self, mode: Literal["vqav2", "textvqa"] = "vqav2", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("vqav2", "textvqa"):
+            raise ValueError(f"unknown VQA mode {mode!r}: expected 'vqav2' or 'textvqa'")
+        self.mode = mode
+
+    def update(self, predictions: Sequence[str], references: References) -> None:
+        _check_batch(predictions, references)
+        self._add([vqa_score(p, r, self.mode) for p, r in zip(predictions, references, strict=True)])
+
+
+class ANLS(_MeanScore):
+    """Average Normalised Levenshtein Similarity for DocVQA / InfoVQA, exactly as lmms-eval's ``anls``
+    (``lmms_eval/api/metrics.py``) computes it, raw-length quirk included: see ``anls_score``."""
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.threshold = threshold
+
+    def update(self, predictions: Sequence[str], references: References) -> None:
+        _check_batch(predictions, references)
+        self._add([anls_score(p, r, self.threshold) for p, r in zip(predictions, references, strict=True)])
+
+
+class RelaxedAccuracy(_MeanScore):
+    """ChartQA relaxed accuracy exactly as lmms-eval's ``chartqa_process_results`` / ``relaxed_correctness``
+    (5% relative tolerance for numbers, "%" handled, exact lower-cased match otherwise; the prediction is
+    not stripped): see ``relaxed_accuracy_score``. With several references a sample counts if any matches."""
+
+    def __init__(self, max_relative_change: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_relative_change = max_relative_change
+
+    def update(self, predictions: Sequence[str], references: References) -> None:
+        _check_batch(predictions, references)
+        self._add(
+            [
+                relaxed_accuracy_score(p, r, self.max_relative_change)
+                for p, r in zip(predictions, references, strict=True)
+            ]
+        )
+
+
+class MultipleChoiceAccuracy(_MeanScore):
+    """Accuracy of the option letter extracted from free-form answers (rule: ``extract_choice``), against
+    letter references. ``update`` optionally takes the option texts per sample (in letter order), which
+    restrict the letters and let an answer that repeats an option's text count as that letter."""
+
+    def update(
+        self,
+        predictions: Sequence[str],
+        references: References,
+        options: Sequence[Sequence[str] | None] | None = None,
+    ) -> None:
+        _check_batch(predictions, references)
+        if options is None:
+            options = [None] * len(predictions)
+        elif len(options) != len(predictions):
+            raise ValueError(f"{len(predictions)} predictions but {len(options)} option lists")
+        self._add(
+            [multiple_choice_score(p, r, o) for p, r, o in zip(predictions, references, options, strict=True)]
+        )
+
+
+class POPEMetrics(Metric):
+    """POPE metrics as LLaVA's ``llava/eval/eval_pope.py`` computes them: answers parsed with ``pope_parse``,
+    positive = "yes". References are "yes"/"no" (case-insensitive, stripped; anything else is a ValueError).
+    ``compute()`` returns ``accuracy``, ``precision``, ``recall``, ``f1`` and ``yes_ratio`` (share of "yes"
+    predictions); precision, recall and F1 are 0.0 when their denominator is 0 (the original divides by
+    zero), and accuracy / yes-ratio are 0.0 before any sample."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    tp: Tensor
+    fp: Tensor
+    tn: Tensor
+    fn: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("tp", "fp", "tn", "fn"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], references: References) -> None:
+        _check_batch(predictions, references)
+        labels = [_pope_label(r) for r in references]  # validate all before touching the state
+        counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+        for pred, label in zip(predictions, labels, strict=True):
+            yes = pope_parse(pred) == "yes"
+            counts[("t" if yes == label else "f") + ("p" if yes else "n")] += 1
+        for name, n in counts.items():
+            setattr(self, name, getattr(self, name) + n)
+
+    def compute(self) -> dict[str, Tensor]:
+        tp, fp, tn, fn = (getattr(self, n).double() for n in ("tp", "fp", "tn", "fn"))
+        zero = torch.zeros((), dtype=torch.float64, device=tp.device)
+
+        def div(a: Tensor, b: Tensor) -> Tensor:
+            return a / b if b > 0 else zero
+
+        precision, recall = div(tp, tp + fp), div(tp, tp + fn)
+        total = tp + fp + tn + fn
+        return {
+            "accuracy": div(tp + tn, total),
+            "precision": precision,
+            "recall": recall,
+            "f1": div(2 * precision * recall, precision + recall),
+            "yes_ratio": div(tp + fp, total),
+        }
