@@ -324,7 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if (
+        extra and args.command == "chat"
+    ):  # `fvl chat CKPT --image PATH "question"`: the question may follow options
+        args.question = [*args.question, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     fvl_log = logging.getLogger("fvl")
