@@ -11,6 +11,7 @@ from PIL import Image
 from fvl.data import shards as shards_mod
 from fvl.data.recipes import RecipeError, load_recipe
 from fvl.data.shards import build, merge
+from fvl.data.synthetic import GENERATOR_VERSION
 from tests.data_fixtures import BAD_CAPTIONS, BAD_LLAVA, GOOD_CAPTIONS, GOOD_LLAVA, write_sources
 
 
@@ -45,6 +46,7 @@ def test_every_bad_input_is_counted_by_reason_and_every_good_one_kept(whole, rec
         "skipped": {},
         "weight": 1.0,
         "format": "synthetic",
+        "generator_version": GENERATOR_VERSION,
     }
     samples = read_back(out, manifest)
     assert set(GOOD_LLAVA) <= set(samples) and {"c0", "c1", "c2"} <= set(samples)

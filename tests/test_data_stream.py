@@ -132,6 +132,22 @@ def test_datamodule_batch_feeds_the_model(tiny_model, tmp_path):
     assert tiny_model.tokenizer.decode(labels).endswith("<|end|>")
 
 
+def test_shards_of_an_older_synthetic_generator_are_rebuilt(tmp_path):
+    import json
+
+    from fvl.data.datamodule import ensure_shards
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sources:\n  - {name: s, format: synthetic, num_samples: 4, task: qa}\n")
+    cfg = DataConfig(recipe=str(recipe), shards=str(tmp_path / "shards"))
+    ensure_shards(cfg)
+    manifest_path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sources"]["s"]["generator_version"] = 0  # as if built by an older generator
+    manifest_path.write_text(json.dumps(manifest))
+    assert ensure_shards(cfg)["sources"]["s"]["generator_version"] != 0
+
+
 def test_processor_skips_and_counts_bad_samples(tiny_model):
     from fvl.data.pipeline import process_and_batch
 

@@ -82,16 +82,13 @@ def test_pretrain_lowers_the_loss_and_is_tracked(env, pretrain_run):
 
 @pytest.mark.slow
 def test_finetune_from_pretrain_lowers_the_loss_and_records_its_origin(env, pretrain_run):
-    r = train(
-        cfg_for(
-            env,
-            "finetune.yaml",
-            "trainer.max_steps=30",
-            "train.lr=1e-3",
-            "train.val_every_n_steps=0",
-            "init_from=latest",
-        )
-    )
+    from fvl.train.checkpointing import resolve_init
+
+    by_run_id = resolve_init(f"mlflow:{pretrain_run.mlflow_run_id}", "unused", env["uri"])
+    assert by_run_id == (pretrain_run.best_checkpoint.resolve(), pretrain_run.mlflow_run_id)
+    assert resolve_init("latest", str(env["root"] / "runs"))[0] == pretrain_run.best_checkpoint
+    steps = ["trainer.max_steps=30", "train.lr=1e-3", "train.val_every_n_steps=0"]
+    r = train(cfg_for(env, "finetune.yaml", *steps, f"init_from=mlflow:{pretrain_run.mlflow_run_id}"))
     assert r.last_loss < r.first_loss
     run = MlflowClient(env["uri"]).get_run(r.mlflow_run_id)
     assert run.data.tags["pretrain_run_id"] == pretrain_run.mlflow_run_id

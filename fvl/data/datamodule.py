@@ -4,6 +4,7 @@ synthetic validation split."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from fvl.data.config import DataConfig
 from fvl.data.pipeline import SampleProcessor, make_dataset
 from fvl.data.recipes import load_recipe
 from fvl.data.shards import MANIFEST, build, load_manifest
-from fvl.data.synthetic import generate
+from fvl.data.synthetic import GENERATOR_VERSION, generate
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,21 @@ def shard_urls(
 def ensure_shards(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
     """The shards' manifest, building them from the recipe first when the folder has none."""
     folder = Path(cfg.shards)
+    if (folder / MANIFEST).exists() and _stale_synthetic(load_manifest(folder)):
+        log.warning("%s was built by an older synthetic generator: rebuilding it", folder)
+        shutil.rmtree(folder)
     if not (folder / MANIFEST).exists():
         recipe = load_recipe(cfg.recipe)
         log.warning("building shards of %s into %s (first use)", recipe.path, folder)
         build(recipe, folder, workers=cfg.build_workers)
     return load_manifest(folder)
+
+
+def _stale_synthetic(manifest: dict[str, Any]) -> bool:
+    return any(
+        s.get("format") == "synthetic" and s.get("generator_version") != GENERATOR_VERSION
+        for s in manifest["sources"].values()
+    )
 
 
 class FVLDataModule(L.LightningDataModule):

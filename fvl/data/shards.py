@@ -30,6 +30,7 @@ import webdataset as wds
 
 from fvl.data.recipes import Recipe, SourceConfig
 from fvl.data.sources import Skip, encode_item, read_items
+from fvl.data.synthetic import GENERATOR_VERSION
 
 MANIFEST = "manifest.json"
 
@@ -191,6 +192,9 @@ def _manifest(records: list[dict[str, Any]], recipe: Recipe, part: str) -> dict[
     sources = {
         s.name: {"written": 0, "skipped": {}, "weight": s.weight, "format": s.format} for s in recipe.sources
     }
+    for s in recipe.sources:
+        if s.format == "synthetic":  # so that shards of an older generator are recognised and rebuilt
+            sources[s.name]["generator_version"] = GENERATOR_VERSION
     for r in records:
         _add_counts(sources, r["source"], r["written"], r["skipped"])
     shards = sorted((sh for r in records for sh in r["shards"]), key=lambda sh: sh["path"])

@@ -94,8 +94,9 @@ def model_weights_of_run(run_dir: Path) -> Path:
     raise FileNotFoundError(f"{run_dir}: no best/last checkpoint (did the run finish a step?)")
 
 
-def resolve_init(init_from: str, output_dir: str) -> tuple[Path, str]:
-    """``(weights path, source run id or '')`` for ``init_from``: a path, ``latest`` or ``mlflow:RUN_ID``."""
+def resolve_init(init_from: str, output_dir: str, tracking_uri: str | None = None) -> tuple[Path, str]:
+    """``(weights path, source run id or '')`` for ``init_from``: a path, ``latest`` or ``mlflow:RUN_ID``
+    (looked up in ``tracking_uri``)."""
     if init_from == "latest":
         runs = find_runs(output_dir, stage="pretrain")
         if not runs:
@@ -105,10 +106,10 @@ def resolve_init(init_from: str, output_dir: str) -> tuple[Path, str]:
         run_dir, info = runs[0]
         return model_weights_of_run(run_dir), info.get("mlflow_run_id", "")
     if init_from.startswith("mlflow:"):
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
         run_id = init_from.split(":", 1)[1]
-        run = mlflow.get_run(run_id)
+        run = MlflowClient(tracking_uri).get_run(run_id)
         path = run.data.tags.get("checkpoint_path")
         if not path:
             raise FileNotFoundError(f"init_from={init_from}: the run has no checkpoint_path tag")

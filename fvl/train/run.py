@@ -26,7 +26,7 @@ from fvl.train.checkpointing import (
 )
 from fvl.train.module import STAGE_MODULES
 from fvl.train.strategy import build_strategy
-from fvl.train.tracking import log_setup, make_logger
+from fvl.train.tracking import log_setup, make_logger, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResu
     )
     init_path, init_run = (None, "")
     if cfg.init_from and not resume_ckpt:
-        init_path, init_run = resolve_init(cfg.init_from, cfg.output_dir)
+        init_path, init_run = resolve_init(cfg.init_from, cfg.output_dir, tracking_uri(cfg))
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir = Path(resume_info.get("run_dir") or Path(cfg.output_dir) / f"{cfg.name}-{cfg.stage}-{started}")
     run_dir.mkdir(parents=True, exist_ok=True)
