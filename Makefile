@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fvl-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui clean
+.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui learning-check clean
 
 help:
 	@echo "make test       set up .venv, install fvl, run the test suite"
@@ -19,6 +19,9 @@ help:
 	@echo "make shards     RECIPE=synthetic: build WebDataset shards of a data recipe"
 	@echo "make bench      benchmarks (BENCHMARKS.md)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000"
+	@echo "make eval       score the latest checkpoint on the synthetic test split (CKPT=... to choose)"
+	@echo "make notebooks  execute the comparison notebooks into outputs/notebooks/"
+	@echo "make learning-check  the default runs must learn colour and shape (about 8 minutes)"
 	@echo "make lint       ruff"
 
 setup: $(STAMP)
@@ -52,6 +55,10 @@ sweep: $(STAMP)
 CKPT ?=
 eval: $(STAMP)
 	$(VENV)/bin/fvl eval $(if $(CKPT),$(CKPT),latest) $(ARGS)
+
+# Opt-in (about 8 minutes): the default pretrain + finetune must score colour and shape >= 2x chance.
+learning-check: $(STAMP)
+	FVL_LEARNING_TEST=1 $(PY) -m pytest -q tests/test_learning.py
 
 notebooks: $(STAMP)
 	$(PY) -m fvl.notebooks
