@@ -20,7 +20,9 @@ def test_default_pretrain_finetune_eval_beats_twice_chance(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
     def fvl(*args):
-        res = subprocess.run([sys.executable, "-m", "fvl.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-m", "fvl.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         return res.stdout
 

@@ -115,9 +115,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResu
             )
         )
     if cfg.trainer.progress:
-        from lightning.pytorch.callbacks import RichProgressBar
+        from fvl.train.progress import StepProgressBar
 
-        cbs.append(RichProgressBar(leave=True))
+        cbs.append(StepProgressBar(leave=True))
     cbs += callbacks or []
     trainer = L.Trainer(
         accelerator=accelerator,
