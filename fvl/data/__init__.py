@@ -1,1 +1,1 @@
-"""Data: image preprocessing per tower (and, with the data issue, recipes, shards and the DataModule)."""
+"""Data: recipes, the synthetic generator, shard building, image preprocessing, the streaming DataModule."""
