@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResu
             logger.experiment.set_tag(logger.run_id, "pretrain_run_id", init_run)
         logger.experiment.set_tag(logger.run_id, "grad_accumulation", str(accumulate))
 
+    # Frozen components run in eval mode on purpose (no dropout / drop-path in a frozen tower).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     start = time.perf_counter()
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True
