@@ -139,8 +139,6 @@ class FlorenceVL(nn.Module):
         rows, pixels = [], []
         for item, prompt in zip(images, prompts, strict=True):
             group = [] if item is None else list(item) if isinstance(item, (list, tuple)) else [item]
-            if isinstance(item, torch.Tensor) and item.dim() == 3:
-                group = [item]
             if token not in prompt and group:
                 prompt = f"{token}\n" * len(group) + prompt
             if prompt.count(token) != len(group):
