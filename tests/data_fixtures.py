@@ -102,3 +102,14 @@ def write_sources(root: Path) -> Path:
         "shards: {samples_per_shard: 4}\n"
     )
     return recipe
+
+
+def synthetic_recipe(path: Path, captions: int, qa: int, per_shard: int) -> Path:
+    """A two-source synthetic recipe (captions for pretrain, questions for finetune) at ``path``."""
+    path.write_text(
+        "sources:\n"
+        f"  - {{name: synthetic_caption, format: synthetic, num_samples: {captions}, task: caption}}\n"
+        f"  - {{name: synthetic_qa, format: synthetic, num_samples: {qa}, task: qa}}\n"
+        f"shards: {{samples_per_shard: {per_shard}}}\n"
+    )
+    return path

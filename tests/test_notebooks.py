@@ -5,18 +5,13 @@ import pytest
 from fvl.config import REPO_ROOT
 from fvl.notebooks import NOTEBOOKS_DIR, execute
 from fvl.train.sweep import run_sweep
-
-RECIPE = """sources:
-  - {name: synthetic_caption, format: synthetic, num_samples: 64, task: caption}
-  - {name: synthetic_qa, format: synthetic, num_samples: 64, task: qa}
-shards: {samples_per_shard: 32}
-"""
+from tests.data_fixtures import synthetic_recipe
 
 
 @pytest.fixture(scope="module")
 def sweep_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("nb")
-    (root / "recipe.yaml").write_text(RECIPE)
+    synthetic_recipe(root / "recipe.yaml", captions=64, qa=64, per_shard=32)
     exp = REPO_ROOT / "experiments"
     sweep = root / "sweep.yaml"
     sweep.write_text(

@@ -13,18 +13,13 @@ from mlflow.tracking import MlflowClient
 from fvl.config import REPO_ROOT, ConfigError, load
 from fvl.train.run import gradient_accumulation, train
 from fvl.train.sweep import run_sweep
-
-SMALL_RECIPE = """sources:
-  - {name: synthetic_caption, format: synthetic, num_samples: 200, task: caption}
-  - {name: synthetic_qa, format: synthetic, num_samples: 200, task: qa}
-shards: {samples_per_shard: 50}
-"""
+from tests.data_fixtures import synthetic_recipe
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    (root / "recipe.yaml").write_text(SMALL_RECIPE)
+    synthetic_recipe(root / "recipe.yaml", captions=200, qa=200, per_shard=50)
     return {
         "root": root,
         "uri": f"sqlite:///{root / 'mlflow.db'}",

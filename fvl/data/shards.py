@@ -177,10 +177,6 @@ def build(
     return manifest
 
 
-def total_items(recipe: Recipe) -> int:
-    return sum(len(read_items(s)) for s in recipe.sources)
-
-
 def _add_counts(sources: dict[str, dict[str, Any]], name: str, written: int, skipped: dict[str, int]) -> None:
     entry = sources[name]
     entry["written"] += written

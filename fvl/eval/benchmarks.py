@@ -8,7 +8,6 @@ the prompt suffix lmms-eval uses for it, and the metric. Add one: a spec and one
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +221,3 @@ def resolve_benchmark(spec: str, synthetic_samples: int = 700) -> Benchmark:
         )
     name, path = spec.split("=", 1)
     return load_parquet(name, path)
-
-
-def to_json(benchmark: Benchmark) -> str:
-    return json.dumps({"name": benchmark.name, "metric": benchmark.metric, "samples": len(benchmark.samples)})

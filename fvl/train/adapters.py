@@ -30,7 +30,3 @@ def apply_lora(model: FlorenceVL, cfg: LoraConfig) -> None:
     )
     model.llm = get_peft_model(llm, peft_cfg)
     log.info("LoRA on the LLM: %s", peft_cfg.target_modules)
-
-
-def is_adapter_parameter(name: str) -> bool:
-    return "lora_" in name

@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
-STRATEGIES_HINT = (
-    "auto, ddp, ddp_spawn, fsdp, deepspeed_stage_2, deepspeed_stage_3 (any Lightning strategy name)"
-)
 
 
 @dataclass
