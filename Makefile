@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,notebooks]"
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -61,14 +61,14 @@ learning-check: $(STAMP)
 	FVL_LEARNING_TEST=1 $(PY) -m pytest -q tests/test_learning.py
 
 notebooks: $(STAMP)
-	$(PY) -m fvl.notebooks
+	$(VENV)/bin/fvl notebooks
 
 RECIPE ?= synthetic
 shards: $(STAMP)
 	$(VENV)/bin/fvl shards build $(RECIPE) --out shards/$(basename $(notdir $(RECIPE))) $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m fvl.bench $(ARGS)
+	$(VENV)/bin/fvl bench $(ARGS)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP)

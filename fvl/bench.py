@@ -1,13 +1,12 @@
-"""Benchmarks (``make bench``): figures with the machine and date, never asserted in tests.
+"""Benchmarks (``fvl bench``, ``make bench``): figures with the machine and date, never asserted in tests.
 
-``python -m fvl.bench loader``: decode + preprocess throughput of the shard reader at Florence-2's 768 px,
-images per second for 1 and 2 DataLoader workers, measured side by side in one run.
-``python -m fvl.bench finetune-step``: the training issue's GPU check (``--tiny`` smoke-tests it on a CPU).
+``fvl bench loader``: decode + preprocess throughput of the shard reader at Florence-2's 768 px, images per
+second for 1 and 2 DataLoader workers, measured side by side in one run.
+``fvl bench finetune-step``: the training issue's GPU check (``--tiny`` smoke-tests it on a CPU).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import platform
@@ -25,13 +24,13 @@ def machine() -> str:
 def bench_loader(
     samples: int = 256, image_size: int = 768, batch: int = 16, source_px: int = 512
 ) -> dict[str, float]:
-    from fvl.data.pipeline import SampleProcessor, make_dataset
+    from fvl.config import load
+    from fvl.data.config import DataConfig
+    from fvl.data.datamodule import shard_set
+    from fvl.data.pipeline import make_dataset
     from fvl.data.recipes import load_recipe
     from fvl.data.shards import build
-    from fvl.models.config import LLMConfig
-    from fvl.models.llm import llm_tokenizer_path
-    from fvl.models.vision.base import IMAGENET_MEAN, IMAGENET_STD
-    from fvl.text import get_template, load_tokenizer
+    from fvl.models import build_processor
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -40,14 +39,16 @@ def bench_loader(
             f"shards: {{samples_per_shard: {max(1, samples // 8)}}}\n"
         )
         manifest = build(load_recipe(root / "r.yaml"), root / "shards", workers=2)
-        urls = {"s": [str(root / "shards" / s["path"]) for s in manifest["shards"]]}
-        tok = load_tokenizer(llm_tokenizer_path(None, LLMConfig()))
-        processor = SampleProcessor(
-            tok, get_template("phi3"), 576, image_size, IMAGENET_MEAN, IMAGENET_STD, "pad", 2048
-        )
+        shards = shard_set(root / "shards", manifest)
+        # The tiny preset's tower at 768 px has the real presets' 576 tokens; the tokenizer is the tiny one.
+        model_cfg = load(
+            "tiny", [f"model.vision.image_size={image_size}", "model.text.max_length=2048"]
+        ).model
+        processor = build_processor(model_cfg, "pad")
         results = {}
         for workers in (1, 2):
-            ds = make_dataset(urls, {"s": 1.0}, processor, batch, tok.pad_token_id, num_workers=workers)
+            data_cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=0, resampled=False)
+            ds = make_dataset(data_cfg, shards, processor)
             loader = DataLoader(ds, batch_size=None, num_workers=workers)
             start, n = None, 0
             for i, b in enumerate(loader):
@@ -71,11 +72,11 @@ def bench_finetune_step(
 
     import torch
 
-    from fvl.config import EXPERIMENTS_DIR, load
+    from fvl.config import load
     from fvl.data.collate import Sample, collate
-    from fvl.train.module import STAGE_MODULES
+    from fvl.train.module import build_module
 
-    exp = EXPERIMENTS_DIR / ("finetune.yaml" if tiny else "florence_vl_3b_finetune.yaml")
+    exp = "finetune" if tiny else "florence_vl_3b_finetune"
     overrides = [
         "init_from=null",
         "model.llm.gradient_checkpointing=true",
@@ -86,7 +87,7 @@ def bench_finetune_step(
         overrides += ["model.vision.init=random", "model.llm.init=random", "model.llm.dtype=float32"]
     cfg = load(exp, overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = STAGE_MODULES.get("finetune")(cfg).to(device)
+    module = build_module(cfg).to(device)
     module.model.train()
     opt = module.configure_optimizers()["optimizer"]
     m = module.model
@@ -121,28 +122,18 @@ def bench_finetune_step(
             "batch": batch, "loss": float(loss)}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m fvl.bench")
-    parser.add_argument("which", nargs="*", default=["loader"], choices=["loader", "finetune-step"])
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument(
-        "--tiny", action="store_true", help="finetune-step on the tiny preset (CPU smoke test)"
-    )
-    args = parser.parse_args()
+def run(which: list[str], samples: int = 256, tiny: bool = False) -> None:
+    """Run the named benchmarks and print their figures under a line with the date and machine."""
     print(f"# {dt.date.today()} on {machine()}")
-    if "finetune-step" in args.which:
-        r = bench_finetune_step(tiny=args.tiny)
+    if "finetune-step" in which:
+        r = bench_finetune_step(tiny=tiny)
         print(
-            f"finetune step ({'tiny' if args.tiny else 'florence_vl_3b random init'}, bf16 autocast, gradient checkpointing, "
+            f"finetune step ({'tiny' if tiny else 'florence_vl_3b random init'}, bf16 autocast, gradient checkpointing, "
             f"8-bit AdamW, batch {r['batch']} x {r['tokens']} tokens): {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.1f} GiB"
         )
-    if "loader" in args.which:
-        r = bench_loader(args.samples)
+    if "loader" in which:
+        r = bench_loader(samples)
         print(
             f"loader (512 px PNG -> pad -> 768 px normalised): 1 worker {r['1_workers_images_per_s']:.1f} img/s, "
             f"2 workers {r['2_workers_images_per_s']:.1f} img/s"
         )
-
-
-if __name__ == "__main__":
-    main()

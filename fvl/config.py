@@ -3,7 +3,12 @@
 ``load(path, overrides)`` is the one entry point. A YAML may start with ``include: [other.yaml, ...]``
 (paths relative to that file, merged in order, then the file itself on top), so an ablation states only
 what differs from its base. Overrides are OmegaConf dot-lists: ``model.fusion.name=avg_pool``.
+``stage: NAME`` (a string, in a YAML or an override) stands for ``experiments/stages/NAME.yaml``.
 Errors name the offending key and the file (or override) it came from, before anything is built.
+
+Names resolve through ``fvl.resources``: ``tiny`` is ``experiments/models/tiny.yaml``, ``pretrain`` is
+``experiments/pretrain.yaml``, looked up in the working directory's ``experiments/`` first, then in the
+copies that ship inside the package.
 """
 
 from __future__ import annotations
@@ -15,19 +20,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fvl import resources
 from fvl.data.config import DataConfig
+from fvl.eval.config import EvalConfig
 from fvl.models.config import ModelConfig
-from fvl.train.config import TrackingConfig, TrainConfig, TrainerConfig
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+from fvl.stage import STAGES_SUBDIR, StageConfig
+from fvl.tracking import TrackingConfig
+from fvl.train.config import TrainConfig, TrainerConfig
 
 
 class ConfigError(ValueError):
     """A config that does not fit the schema; the message names the key and its source."""
-
-
-STAGES = ("pretrain", "finetune", "align")
 
 
 @dataclass
@@ -35,19 +38,20 @@ class ExperimentConfig:
     """An fvl experiment.
 
     name: experiment name (run folder and MLflow run names start with it).
-    stage: ``pretrain`` (everything trains, template plain, square images) | ``finetune`` (projector + LLM,
-      chat template, padded images) | ``align`` (projector only).
+    stage: what the stage trains and how its data looks (``StageConfig``); in YAML or an override a plain
+      name (``stage: finetune``) stands for ``experiments/stages/NAME.yaml``.
     seed: global random seed.
     output_dir: where run folders (checkpoints, resolved config) are written.
-    init_from: weights to start from: a ``.safetensors``/``.ckpt`` path, ``mlflow:RUN_ID`` or ``latest``
-      (the newest checkpoint of a pretrain run under ``output_dir``); empty: the model's own init.
+    init_from: weights to start from: a ``.safetensors``/``.ckpt`` path, a run folder, ``mlflow:RUN_ID`` or
+      ``latest`` (the newest checkpoint of a run of ``stage.init_stage`` under ``output_dir``); empty: the
+      model's own init.
     resume: continue a run exactly (step, optimizer, schedule): a ``.ckpt`` path or ``last`` (the newest
       run of this name and stage).
-    model / data / train / trainer / tracking: see their classes.
+    model / data / train / trainer / tracking / eval: see their classes.
     """
 
     name: str = "fvl"
-    stage: str = "pretrain"
+    stage: StageConfig = field(default_factory=StageConfig)
     seed: int = 0
     output_dir: str = "runs"
     init_from: str | None = None
@@ -57,10 +61,16 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+        # Settings the stage derives, in this one place (idempotent: it runs on every validation).
+        if self.stage.template:
+            self.model.text.template = self.stage.template
+        if self.init_from == "latest" and not self.stage.init_stage:
+            raise ValueError(
+                f"init_from=latest: stage {self.stage.name!r} names no stage.init_stage to start from"
+            )
         if self.model.llm.quantization != "none" and not self.train.lora.enabled:
             raise ValueError(
                 "model.llm.quantization=nf4 (QLoRA) needs train.lora.enabled=true: 4-bit weights cannot train"
@@ -71,19 +81,67 @@ class ExperimentConfig:
                 f"data.batch_size={self.data.batch_size}"
             )
 
+    @property
+    def run_label(self) -> str:
+        """``{name}-{stage}``: the prefix of run folders and the default MLflow run name."""
+        return f"{self.name}-{self.stage.name}"
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run has a validation split."""
+        return self.data.val_samples > 0
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro batches per optimizer step so that ``train.global_batch_size`` holds on ``world_size`` devices."""
+        per_step = self.data.batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"data.batch_size={self.data.batch_size} x {world_size} device(s): change one of them"
+            )
+        return self.train.global_batch_size // per_step
+
+
+def as_experiment(cfg: DictConfig | ExperimentConfig) -> ExperimentConfig:
+    """The typed dataclass of a loaded config (its methods give the derived values)."""
+    if isinstance(cfg, ExperimentConfig):
+        return cfg
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
 
 def resolve_path(path: str | Path) -> Path:
-    """A YAML path, or a preset name such as ``tiny`` (looked up in ``experiments/models/``)."""
+    """A YAML path, an experiment name (``pretrain``: ``experiments/pretrain.yaml``) or a model preset name
+    (``tiny``: ``experiments/models/tiny.yaml``). A path under ``experiments/`` that does not exist here is
+    looked up among the shipped experiments, so the README's commands run from any directory."""
     p = Path(path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        return p
-    preset = EXPERIMENTS_DIR / "models" / f"{p.name}.yaml"
-    if preset.exists():
-        return preset
-    known = sorted(q.stem for q in (EXPERIMENTS_DIR / "models").glob("*.yaml"))
-    raise ConfigError(f"{path!r} is neither a YAML file nor a model preset ({', '.join(known)})")
+        if p.exists():
+            return p
+        parts = p.parts
+        if "experiments" in parts:
+            shipped = resources.find("experiments", Path(*parts[parts.index("experiments") + 1 :]))
+            if shipped is not None:
+                return shipped
+        raise ConfigError(f"config file not found: {p}")
+    for relative in (f"{p.name}.yaml", f"models/{p.name}.yaml"):
+        found = resources.find("experiments", relative)
+        if found is not None:
+            return found
+    known = resources.names("experiments") + resources.names("experiments", "models")
+    raise ConfigError(
+        f"{path!r} is neither a YAML file nor an experiment or model preset ({', '.join(known)})"
+    )
+
+
+def stage_path(name: str) -> Path:
+    """``experiments/stages/NAME.yaml`` (the working directory's, else the shipped one)."""
+    found = resources.find("experiments", f"{STAGES_SUBDIR}/{name}.yaml")
+    if found is None:
+        known = ", ".join(resources.names("experiments", STAGES_SUBDIR))
+        raise ConfigError(
+            f"stage={name!r}: no stage named {name!r} (known: {known}); define one in experiments/{STAGES_SUBDIR}/"
+        )
+    return found
 
 
 def _read_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
@@ -97,7 +155,7 @@ def _read_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[P
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
-    includes = raw.pop("include", None) or []
+    includes = list(raw.pop("include", None) or [])
     if isinstance(includes, str):
         includes = [includes]
     layers: list[tuple[Path, DictConfig]] = []
@@ -106,6 +164,10 @@ def _read_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[P
         if not inc_path.exists():
             raise ConfigError(f"{path}: include {inc!r} not found (looked for {inc_path})")
         layers.extend(_read_with_includes(inc_path, (*seen, path)))
+    stage = raw.get("stage")
+    if isinstance(stage, str):  # ``stage: NAME`` stands for the stage's own YAML, merged here
+        raw.pop("stage")
+        layers.extend(_read_with_includes(stage_path(stage), (*seen, path)))
     layers.append((path, raw))
     return layers
 
@@ -149,9 +211,15 @@ def load(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        if key.strip() == "stage":  # stage=NAME: the stage's YAML
+            for layer_path, layer in _read_with_includes(stage_path(value.strip())):
+                cfg = _merge(cfg, layer, f"override {item!r} ({layer_path})")
+            continue
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
     validate(cfg, sources[-1] if sources else "config")
-    return cfg
+    # The schema's derived settings (``ExperimentConfig.__post_init__``) become part of the config itself.
+    return OmegaConf.structured(as_experiment(cfg))
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -3,17 +3,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fvl.config import EXPERIMENTS_DIR, REPO_ROOT, ConfigError, load
+from fvl.config import ConfigError, load
+from tests.fixtures import EXPERIMENTS
 
-SHIPPED = sorted(p for p in EXPERIMENTS_DIR.rglob("*.yaml") if "sweeps" not in p.parts)
-SWEEPS = sorted((EXPERIMENTS_DIR / "sweeps").glob("*.yaml"))
+SHIPPED = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
+SWEEPS = sorted((EXPERIMENTS / "sweeps").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs():
     assert {"tiny", "florence_vl_3b", "florence_vl_8b"} <= {p.stem for p in SHIPPED}
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_every_shipped_yaml_loads(path: Path):
     cfg = load(path)
     assert cfg.model.fusion.features
@@ -84,7 +85,7 @@ def test_include_relative_and_cycle(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="neither a YAML file nor a model preset"):
+    with pytest.raises(ConfigError, match="neither a YAML file nor an experiment or model preset"):
         load("florence_vl_70b")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+VAL_SPLITS = ("synthetic", "heldout")
+
 
 @dataclass
 class DataConfig:
@@ -18,9 +20,11 @@ class DataConfig:
     resampled: draw shards with replacement and give every rank the same number of batches per epoch
       (what multi-rank training needs); false reads every sample exactly once per epoch.
     epoch_samples: samples per epoch over all ranks when resampled (0: the manifest's total).
-    resize_mode: ``square`` (stage 1) or ``pad`` (stage 2, pad to square with the mean colour); empty: by stage.
     build_workers: processes used to build missing shards.
-    val_samples: size of the synthetic validation split generated on the fly (0: no validation).
+    val_split: where validation samples come from: ``synthetic`` (generated on the fly for the stage's
+      ``val_task``) | ``heldout`` (the last ``val_shards`` shards of every source read, kept out of training).
+    val_shards: shards per source held out when ``val_split=heldout``.
+    val_samples: validation samples over all ranks (0: no validation).
     """
 
     recipe: str = "synthetic"
@@ -31,8 +35,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = True
     epoch_samples: int = 0
-    resize_mode: str = ""
     build_workers: int = 2
+    val_split: str = "synthetic"
+    val_shards: int = 1
     val_samples: int = 256
 
     def __post_init__(self) -> None:
@@ -40,5 +45,7 @@ class DataConfig:
             raise ValueError("data.batch_size must be positive")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.epoch_samples < 0 or self.val_samples < 0:
             raise ValueError("data.num_workers, shuffle_buffer, epoch_samples and val_samples must be >= 0")
-        if self.resize_mode not in ("", "square", "pad"):
-            raise ValueError(f"data.resize_mode={self.resize_mode!r}: expected square, pad or empty")
+        if self.val_split not in VAL_SPLITS:
+            raise ValueError(f"data.val_split={self.val_split!r}: expected one of {', '.join(VAL_SPLITS)}")
+        if self.val_shards <= 0:
+            raise ValueError("data.val_shards must be positive")

@@ -1,5 +1,6 @@
-"""The Lightning DataModule: shards built on first use, streamed per rank and worker, plus an on-the-fly
-synthetic validation split."""
+"""The Lightning DataModule: shards built on first use, streamed per rank and worker through a
+``Processor`` (the model is never needed), plus a validation split: generated on the fly (synthetic) or
+shards held out of training (real recipes)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,17 @@ from torch.utils.data import DataLoader
 
 from fvl.data.collate import collate
 from fvl.data.config import DataConfig
-from fvl.data.pipeline import SampleProcessor, make_dataset
+from fvl.data.pipeline import ShardSet, heldout_dataset, make_dataset
 from fvl.data.recipes import load_recipe
 from fvl.data.shards import MANIFEST, build, load_manifest
 from fvl.data.synthetic import GENERATOR_VERSION, generate
+from fvl.models.processor import Processor
 
 log = logging.getLogger(__name__)
 
 
-def shard_urls(
-    folder: str | Path, manifest: dict[str, Any], sources: list[str] | None = None
-) -> dict[str, list[str]]:
-    """Shard paths per source from a manifest, restricted to ``sources`` (all when empty)."""
+def shard_set(folder: str | Path, manifest: dict[str, Any], sources: list[str] | None = None) -> ShardSet:
+    """The shards of ``sources`` (all when empty) listed in a manifest, with weights and sample counts."""
     folder = Path(folder)
     wanted = list(sources) if sources else list(manifest["sources"])
     unknown = [s for s in wanted if s not in manifest["sources"]]
@@ -35,7 +35,29 @@ def shard_urls(
     empty = [s for s, u in urls.items() if not u]
     if empty:
         raise ValueError(f"{folder}: no shards for sources {empty} (every sample skipped? see {MANIFEST})")
-    return urls
+    return ShardSet(
+        urls,
+        {s: float(manifest["sources"][s]["weight"]) for s in wanted},
+        {str(folder / sh["path"]): int(sh.get("samples", 0)) for sh in manifest["shards"]},
+    )
+
+
+def hold_out(shards: ShardSet, per_source: int) -> tuple[ShardSet, list[str], int]:
+    """``(training shards, held-out shard paths, held-out samples)``: the last ``per_source`` shards of
+    every source leave the training set."""
+    short = {s: len(u) for s, u in shards.urls.items() if len(u) <= per_source}
+    if short:
+        raise ValueError(
+            f"data.val_split=heldout: sources {short} have no more shards than data.val_shards={per_source}; "
+            "lower it, write smaller shards (shards.samples_per_shard) or use data.val_split=synthetic"
+        )
+    train = {s: u[:-per_source] for s, u in shards.urls.items()}
+    held = [url for u in shards.urls.values() for url in u[-per_source:]]
+    return (
+        ShardSet(train, shards.weights, shards.shard_samples),
+        held,
+        sum(shards.shard_samples[u] for u in held),
+    )
 
 
 def ensure_shards(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
@@ -59,33 +81,38 @@ def _stale_synthetic(manifest: dict[str, Any]) -> bool:
 
 
 class FVLDataModule(L.LightningDataModule):
-    """Training batches from shards and a synthetic validation split, tokenised for ``model``."""
+    """Training batches from shards and a validation split, prepared by ``processor``.
 
-    def __init__(self, cfg: DataConfig, model, stage: str = "pretrain", seed: int = 0) -> None:
+    val_task: the task of the synthetic validation split (the stage's ``val_task``: ``caption`` | ``qa``).
+    """
+
+    def __init__(
+        self, cfg: DataConfig, processor: Processor, val_task: str = "caption", seed: int = 0
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.stage = stage
+        self.processor = processor
+        self.val_task = val_task
         self.seed = seed
-        mode = cfg.resize_mode or ("square" if stage == "pretrain" else "pad")
-        self.processor = SampleProcessor.for_model(model, mode)
-        self.pad_token_id = model.tokenizer.pad_token_id
-        self.manifest: dict[str, Any] | None = None
+        self.shards: ShardSet | None = None
+        self.val_urls: list[str] = []
+        self.val_available = 0
 
     def prepare_data(self) -> None:  # rank 0 of each node: build missing shards
         ensure_shards(self.cfg)
 
     def setup(self, stage: str | None = None) -> None:
-        self.manifest = load_manifest(self.cfg.shards)
-        self.urls = shard_urls(self.cfg.shards, self.manifest, list(self.cfg.sources))
-        self.weights = {s: float(self.manifest["sources"][s]["weight"]) for s in self.urls}
-        self.total = sum(self.manifest["sources"][s]["written"] for s in self.urls)
+        manifest = load_manifest(self.cfg.shards)
+        self.shards = shard_set(self.cfg.shards, manifest, list(self.cfg.sources))
+        if self.cfg.val_samples and self.cfg.val_split == "heldout":
+            self.shards, self.val_urls, self.val_available = hold_out(self.shards, self.cfg.val_shards)
         rank, world = self._rank_world()
         if not self.cfg.resampled and world > 1:
             raise ValueError(
                 f"data.resampled=false with {world} ranks: ranks would see different batch counts and "
                 "DDP would hang at the end of the epoch; set data.resampled=true for multi-rank training"
             )
-        shards = min(len(u) for u in self.urls.values())
+        shards = min(len(u) for u in self.shards.urls.values())
         if not self.cfg.resampled and shards < max(1, self.cfg.num_workers):
             log.warning("only %d shards for %d workers: some workers will idle", shards, self.cfg.num_workers)
 
@@ -95,16 +122,9 @@ class FVLDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return 0, 1
 
-    @property
-    def epoch_samples(self) -> int:
-        return self.cfg.epoch_samples or self.total
-
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        dataset = make_dataset(
-            self.urls, self.weights, self.processor, self.cfg.batch_size, self.pad_token_id, rank, world,
-            self.cfg.resampled, self.epoch_samples, self.cfg.num_workers, self.cfg.shuffle_buffer, self.seed,
-        )  # fmt: skip
+        dataset = make_dataset(self.cfg, self.shards, self.processor, rank, world, self.seed)
         return DataLoader(
             dataset,
             batch_size=None,
@@ -116,11 +136,23 @@ class FVLDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.cfg.val_samples:
             return []
-        task = "caption" if self.processor.template.name == "plain" else "qa"
+        if self.cfg.val_split == "heldout":
+            rank, world = self._rank_world()
+            per_rank = min(self.cfg.val_samples, self.val_available) // world
+            if per_rank == 0:
+                raise ValueError(
+                    f"data.val_split=heldout: {self.val_available} held-out samples for {world} ranks"
+                )
+            return DataLoader(
+                heldout_dataset(self.val_urls, self.processor, self.cfg.batch_size, per_rank, rank, world),
+                batch_size=None,
+            )
         samples = []
         for i in range(self.cfg.val_samples):
             s = generate(i, "val", self.seed)  # drawn at 64 px; the processor resizes for the tower
-            samples.append(self.processor.from_conversation(s.conversations(task), [s.image], s.id))
+            samples.append(self.processor(s.conversations(self.val_task), [s.image], s.id))
         return DataLoader(
-            samples, batch_size=self.cfg.batch_size, collate_fn=lambda b: collate(b, self.pad_token_id)
+            samples,
+            batch_size=self.cfg.batch_size,
+            collate_fn=lambda b: collate(b, self.processor.pad_token_id),
         )

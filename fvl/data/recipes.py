@@ -25,10 +25,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fvl import resources
 from fvl.data.synthetic import KINDS, SPLITS, TASKS
 
 FORMATS = ("llava_json", "caption_jsonl", "synthetic")
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 
 
 class RecipeError(ValueError):
@@ -78,14 +78,16 @@ class Recipe:
 
 
 def resolve_recipe_path(path: str | Path) -> Path:
-    """A recipe file, or a name in ``data_recipes/`` (``synthetic``)."""
+    """A recipe file, or a name in ``data_recipes/`` (``synthetic``): the working directory's folder first,
+    then the recipes that ship with fvl."""
     p = Path(path)
     if p.exists():
         return p
-    named = RECIPES_DIR / f"{p.name}.yaml" if p.suffix == "" else RECIPES_DIR / p.name
-    if named.exists():
+    named = resources.find("data_recipes", f"{p.name}.yaml" if p.suffix == "" else p.name)
+    if named is not None:
         return named
-    raise RecipeError(f"recipe {path!r} not found (nor in {RECIPES_DIR})")
+    known = ", ".join(resources.names("data_recipes"))
+    raise RecipeError(f"recipe {path!r} not found (shipped and local recipes: {known})")
 
 
 def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:

@@ -17,9 +17,9 @@ from typing import Any
 
 from PIL import Image
 
-from fvl.data.image import to_rgb
 from fvl.data.recipes import SourceConfig
 from fvl.data.synthetic import generate
+from fvl.models.vision.transform import to_rgb
 from fvl.text.templates import TemplateError, normalize_conversation
 
 IMAGE_TOKEN = "<image>"

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fvl.data.synthetic import generate
+from fvl.eval.config import AlignConfig
 from fvl.models.config import FusionConfig
 from fvl.models.fusion import build_fusion
 
@@ -48,17 +49,14 @@ def parse_variant(spec: str) -> AlignVariant:
 @torch.no_grad()
 def _features(model, n: int, seed: int, batch: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """All named vision features of ``n`` synthetic caption images and the LLM caption embeddings."""
-    from fvl.data.image import preprocess_image
-
     v = model.vision
+    transform = v.transform("square")
     vision: dict[str, list[torch.Tensor]] = {}
     text: list[torch.Tensor] = []
     tok = model.tokenizer
     for start in range(0, n, batch):
         samples = [generate(i, "train", seed) for i in range(start, min(n, start + batch))]
-        px = torch.stack(
-            [preprocess_image(s.image, v.image_size, v.image_mean, v.image_std, "square") for s in samples]
-        )
+        px = torch.stack([transform(s.image) for s in samples])
         for name, feat in v.features(px).items():
             vision.setdefault(name, []).append(feat.float())
         enc = tok([s.caption for s in samples], add_special_tokens=False, padding=True, return_tensors="pt")
@@ -71,17 +69,12 @@ def _features(model, n: int, seed: int, batch: int = 64) -> tuple[dict[str, torc
 
 
 def alignment_curves(
-    model,
-    variants: list[AlignVariant],
-    steps: int = 200,
-    batch_size: int = 64,
-    samples: int = 1024,
-    lr: float = 1e-3,
-    temperature: float = 0.07,
-    seed: int = 0,
+    model, variants: list[AlignVariant], cfg: AlignConfig | None = None
 ) -> dict[str, list[float]]:
     """Loss per step for each variant (same data, same order, same init seed)."""
-    vision, text = _features(model.eval(), samples, seed)
+    cfg = cfg or AlignConfig()
+    steps, batch_size, lr, temperature, seed = cfg.steps, cfg.batch_size, cfg.lr, cfg.temperature, cfg.seed
+    vision, text = _features(model.eval(), cfg.samples, seed)
     curves = {}
     for variant in variants:
         fusion = build_fusion(
@@ -113,10 +106,9 @@ def alignment_curves(
 
 def write_curves(curves: dict[str, list[float]], out_dir: str | Path, smooth: int = 10) -> tuple[Path, Path]:
     """``align.csv`` (step, variant, loss) and ``align.png`` (the curves side by side, smoothed)."""
-    import matplotlib
+    from fvl.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """``fvl eval``: batched greedy generation (KV cache) over benchmarks, scored with ``fvl.eval.metrics``,
-written as JSON (per sample and aggregate) and logged as MLflow metrics on the checkpoint's run."""
+written as JSON (per sample and aggregate) and logged as MLflow metrics on the checkpoint's run.
+``evaluate_checkpoint`` is the one entry point for a checkpoint (the CLI and sweeps call it)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from typing import Any
 
 import torch
 
-from fvl.eval.benchmarks import Benchmark
+from fvl.eval.benchmarks import Benchmark, resolve_benchmark
+from fvl.eval.config import EvalConfig
 from fvl.eval.metrics import ANLS, MultipleChoiceAccuracy, POPEMetrics, RelaxedAccuracy, VQAAccuracy
+from fvl.models.loading import load_for_inference
+from fvl.runs import RunDir, resolve_weights
+from fvl.tracking import TrackingConfig, experiment_id, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +132,73 @@ def evaluate(
     return EvalResult(bench.name, bench.metric, aggregate, groups, dict(bench.chance), records)
 
 
-def log_to_mlflow(results: list[EvalResult], checkpoint: Path, tracking: str, json_paths: list[Path]) -> str:
-    """Metrics ``eval/<bench>/<name>`` (and per group) on the checkpoint's own run when it has one, else a new
-    run tagged ``eval_of``; the JSON files as artifacts. Returns the run id."""
+@dataclass
+class EvalReport:
+    """What ``evaluate_checkpoint`` did: the checkpoint scored, results per benchmark, their JSON files and
+    the MLflow run they were logged on."""
+
+    checkpoint: Path
+    results: list[EvalResult]
+    paths: list[Path]
+    mlflow_run_id: str
+
+
+def evaluate_checkpoint(
+    spec: str | Path,
+    cfg: EvalConfig | None = None,
+    output_dir: str | Path = "runs",
+    out: str | Path | None = None,
+    tracking: TrackingConfig | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Score a checkpoint (a weights file, a run folder or ``latest``) on ``cfg.bench``: JSON per benchmark in
+    ``out`` (default: the run's ``eval/``) and metrics ``eval/<bench>/*`` on the checkpoint's own MLflow run.
+    The one evaluation path: ``fvl eval`` and sweeps both call it."""
+    cfg = cfg or EvalConfig()
+    checkpoint = resolve_weights(spec, output_dir)
+    model = load_for_inference(checkpoint)
+    run = RunDir.of(checkpoint)
+    folder = Path(out) if out else run.eval_dir if run else checkpoint.parent / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    results, paths = [], []
+    for bench_spec in cfg.bench:
+        bench = resolve_benchmark(bench_spec, cfg.samples)
+        result = evaluate(model, bench, cfg.batch_size, cfg.max_new_tokens, progress=progress)
+        path = folder / f"{bench.name}.json"
+        path.write_text(json.dumps(result.to_json(), indent=1))
+        results.append(result)
+        paths.append(path)
+    return EvalReport(checkpoint, results, paths, log_to_mlflow(results, checkpoint, paths, tracking))
+
+
+def log_to_mlflow(
+    results: list[EvalResult],
+    checkpoint: Path,
+    json_paths: list[Path],
+    tracking: TrackingConfig | None = None,
+) -> str:
+    """Metrics ``eval/<bench>/<name>`` (and per group) on the checkpoint's own run when the store has it,
+    else on a new run tagged ``eval_of`` in the tracking experiment (given, else the checkpoint's run's,
+    else the default); the JSON files as artifacts. Returns the run id."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking)
-    run_id = None
-    info = checkpoint.parent.parent / "run.json"
-    if info.exists():
-        run_id = json.loads(info.read_text()).get("mlflow_run_id")
+    run = RunDir.of(checkpoint)
+    if tracking is None:
+        tracking = TrackingConfig()
+        if run is not None and run.config_path.exists():
+            tracking.experiment = run.config().get("tracking", {}).get("experiment", tracking.experiment)
+    uri = tracking_uri(tracking)
+    client = MlflowClient(uri)
+    run_id = run.mlflow_run_id if run else ""
+    if run_id:
         try:
             client.get_run(run_id)
         except Exception:  # the run lives in another store: link instead
-            run_id = None
-    if run_id is None:
-        exp = client.get_experiment_by_name("fvl") or client.get_experiment(client.create_experiment("fvl"))
+            run_id = ""
+    if not run_id:
         run_id = client.create_run(
-            exp.experiment_id, tags={"eval_of": str(checkpoint), "mlflow.runName": f"eval-{checkpoint.stem}"}
+            experiment_id(client, tracking.experiment, uri),
+            tags={"eval_of": str(checkpoint), "mlflow.runName": f"eval-{checkpoint.stem}"},
         ).info.run_id
         client.set_terminated(run_id)
     for r in results:

@@ -11,8 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fvl.data.image import preprocess_image
-
 
 def feature_pca(feature: torch.Tensor, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """``[N, D]`` tokens of a square grid -> (``[h, w, 3]`` RGB in [0, 1], explained variance of the 3 PCs).
@@ -47,7 +45,7 @@ def pca_panels(
     model, image: Image.Image, names: list[str] | None = None, threshold: float = 0.5
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     v = model.vision
-    px = preprocess_image(image, v.image_size, v.image_mean, v.image_std, "square")[None]
+    px = v.transform("square")(image)[None]
     feats = v.features(px, names)
     start = 1 if getattr(v, "keep_pooled_token", False) else 0  # a kept pooled token is not on the grid
     return {name: feature_pca(f[0, start:], threshold) for name, f in feats.items()}
@@ -57,10 +55,9 @@ def write_pca(
     image: Image.Image, panels: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: str | Path
 ) -> tuple[Path, Path]:
     """``pca.png`` (the image, then one panel per feature) and ``pca.csv`` (explained variance per PC)."""
-    import matplotlib
+    from fvl.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """Models: ``build_model(cfg.model)`` composes vision tower -> fusion -> projector -> LLM from a config.
 
 Public API (stable): ``build_model``, ``FlorenceVL`` (``.vision.features(pixel_values)``,
-``.encode_images(pixel_values)``, ``forward(batch)``, ``generate(images, prompts)``), ``set_trainable``,
-``save_checkpoint`` / ``load_checkpoint``, ``export`` / ``load_exported``.
+``.encode_images(pixel_values)``, ``forward(batch)``, ``generate(images, prompts)``, ``.processor``),
+``build_processor`` (the data side's tokenizer + template + image transform, without a model),
+``set_trainable``, ``save_checkpoint`` / ``load_checkpoint``, ``export`` / ``load_exported``,
+``load_for_inference`` (a file, a run folder or ``latest``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any
 from fvl.models.checkpoint import export, load_checkpoint, load_exported, model_config, save_checkpoint
 from fvl.models.config import ModelConfig
 from fvl.models.florence_vl import FlorenceVL, ImageTokenMismatch
-from fvl.models.freeze import STAGE_TRAINABLE, set_trainable
+from fvl.models.freeze import set_trainable
+from fvl.models.loading import load_for_inference, load_model_weights
+from fvl.models.processor import Processor, build_processor
 
 
 def build_model(cfg: Any) -> FlorenceVL:
@@ -24,11 +28,14 @@ __all__ = [
     "FlorenceVL",
     "ImageTokenMismatch",
     "ModelConfig",
-    "STAGE_TRAINABLE",
+    "Processor",
     "build_model",
+    "build_processor",
     "export",
     "load_checkpoint",
     "load_exported",
+    "load_for_inference",
+    "load_model_weights",
     "save_checkpoint",
     "set_trainable",
 ]

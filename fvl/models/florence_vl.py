@@ -17,13 +17,13 @@ from PIL import Image
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fvl.data.image import preprocess_image
 from fvl.models.config import ModelConfig
 from fvl.models.fusion import build_fusion
-from fvl.models.llm import build_llm, llm_tokenizer_path
+from fvl.models.llm import build_llm
+from fvl.models.processor import Processor
 from fvl.models.projector import build_projector
 from fvl.models.vision import build_vision_tower
-from fvl.text import get_template, load_tokenizer
+from fvl.text import get_template
 from fvl.text.templates import TemplateError
 
 COMPONENTS = ("vision", "fusion", "projector", "llm")
@@ -42,21 +42,22 @@ class FlorenceVL(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(
-            llm_tokenizer_path(cfg.text.tokenizer_path, cfg.llm), cfg.text.image_token
-        )
-        self.template = get_template(cfg.text.template)
-        self.vision = build_vision_tower(cfg.vision)
+        self.vision, transform = build_vision_tower(cfg.vision)
         names = list(cfg.fusion.features)
         self.vision.check_names(names)
         self.fusion = build_fusion(
             cfg.fusion, {n: self.vision.feature_dim(n) for n in names}, self.vision.num_tokens
         )
-        self.llm = build_llm(cfg.llm, self.tokenizer)
+        self.llm, self.tokenizer = build_llm(cfg.llm, cfg.text)
+        self.template = get_template(cfg.text.template)
         d_llm = self.llm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, self.fusion.output_dim, d_llm)
         self.projector.to(self.llm.dtype)
         self.image_token_id: int = self.tokenizer.image_token_id
+        # What the data side needs, equal to ``build_processor(cfg)`` (which builds no model).
+        self.processor = Processor(
+            self.tokenizer, self.template, transform, self.num_image_tokens, cfg.text.max_length
+        )
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -110,12 +111,18 @@ class FlorenceVL(nn.Module):
     # ---- inference -----------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image], mode: str = "pad") -> torch.Tensor:
         """PIL images -> normalised ``[N, 3, S, S]`` at the tower's resolution."""
-        v = self.vision
         if not images:
-            return torch.empty(0, 3, v.image_size, v.image_size)
-        return torch.stack(
-            [preprocess_image(im, v.image_size, v.image_mean, v.image_std, mode) for im in images]
-        )
+            size = self.vision.image_size
+            return torch.empty(0, 3, size, size)
+        transform = self.processor.transform.with_mode(mode)
+        return torch.stack([transform(im) for im in images])
+
+    def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
+        """The repeated blocks of the tower and the LLM: FSDP wrap units (and checkpointing units)."""
+        llm_layers = set(getattr(self.llm, "_no_split_modules", None) or [])
+        return self.vision.wrap_classes() | {
+            type(m) for m in self.llm.modules() if type(m).__name__ in llm_layers
+        }
 
     @torch.no_grad()
     def generate(

@@ -1,37 +1,32 @@
-"""One place decides what trains in each stage, and logs it.
+"""One place sets what trains, and logs it.
 
-- ``pretrain``: everything - Florence-2 included (the paper's recipe; the original code wrapped the tower in
-  ``no_grad`` and so never trained it);
-- ``finetune``: projector + LLM (the vision tower frozen);
-- ``align``: the projector alone (LLaVA-style projector warm-up and the alignment analysis).
-Parameters that cannot influence the output (e.g. CLIP layers after the selected one, the Florence-2
-encoder when no prompt feature is fused) are frozen in every stage and reported as ``unused``.
+A stage declares its trainable components (``stage.trainable`` in ``experiments/stages/*.yaml``): stage 1
+trains everything, Florence-2 included (the paper's recipe; the original code wrapped the tower in
+``no_grad`` and so never trained it), stage 2 the fusion, projector and LLM. Parameters that cannot influence
+the output (e.g. CLIP layers after the selected one, the Florence-2 encoder when no prompt feature is fused)
+are frozen whatever the stage says and reported as ``unused``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from fvl.models.florence_vl import COMPONENTS, FlorenceVL
 
 log = logging.getLogger(__name__)
 
-STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
-    "pretrain": ("vision", "fusion", "projector", "llm"),
-    "finetune": ("fusion", "projector", "llm"),
-    "align": ("fusion", "projector"),
-}
-
 
 def set_trainable(
-    model: FlorenceVL, stage: str, llm_adapters_only: bool = False
+    model: FlorenceVL, trainable: Sequence[str], llm_adapters_only: bool = False, label: str = ""
 ) -> dict[str, dict[str, int]]:
-    """Set ``requires_grad`` for ``stage`` and return (and log) per-component parameter counts:
-    ``{component: {"trainable": n, "frozen": n, "unused": n}}``. With ``llm_adapters_only`` (LoRA), only the
-    LLM's adapter parameters (``lora_*``) train; its base weights stay frozen."""
-    if stage not in STAGE_TRAINABLE:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_TRAINABLE)}")
-    trainable = STAGE_TRAINABLE[stage]
+    """Let the ``trainable`` components train, freeze the rest, and return (and log) per-component
+    parameter counts ``{component: {"trainable": n, "frozen": n, "unused": n}}``. With ``llm_adapters_only``
+    (LoRA), only the LLM's adapter parameters (``lora_*``) train; its base weights stay frozen. ``label``
+    (the stage's name) only titles the log."""
+    unknown = [c for c in trainable if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; known: {', '.join(COMPONENTS)}")
     unused = {f"vision.{n}" for n in model.vision.unused_parameters(model.fusion.names)}
     counts: dict[str, dict[str, int]] = {}
     for component in COMPONENTS:
@@ -46,7 +41,7 @@ def set_trainable(
             c[key] += param.numel()
         counts[component] = c
     model.train(model.training)  # re-apply eval mode to components that no longer train
-    lines = [f"trainable parameters for stage {stage!r}:"]
+    lines = [f"trainable parameters{f' for stage {label!r}' if label else ''}:"]
     for component, c in counts.items():
         lines.append(
             f"  {component:<10} trainable {c['trainable']:>14,}  frozen {c['frozen']:>14,}  unused {c['unused']:>12,}"

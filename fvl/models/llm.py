@@ -9,15 +9,26 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from fvl.models.config import LLMConfig, check_arch_keys, plain_dict
+from fvl.models.config import LLMConfig, TextConfig, check_arch_keys, plain_dict
 from fvl.models.vision.base import DTYPES, require_local_dir
+from fvl.text import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Load or build the LLM, then make room for tokens the tokenizer has beyond the embedding table
-    (fvl's image placeholder), so every token id is valid."""
+def build_llm(cfg: LLMConfig, text: TextConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(llm, tokenizer)``: the tokenizer with fvl's image placeholder, and the LLM loaded or built with
+    room for every token the tokenizer has beyond the embedding table, so every token id is valid."""
+    tokenizer = build_tokenizer(cfg, text)
+    return _build_model(cfg, tokenizer), tokenizer
+
+
+def build_tokenizer(cfg: LLMConfig, text: TextConfig) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer plus the image placeholder (no model is built: the data side uses this)."""
+    return load_tokenizer(llm_tokenizer_path(text.tokenizer_path, cfg), text.image_token)
+
+
+def _build_model(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     dtype = DTYPES[cfg.dtype]
     if cfg.init == "pretrained":
         path = require_local_dir(cfg.path, "model.llm.path", "causal LM")

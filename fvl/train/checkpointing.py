@@ -1,23 +1,29 @@
 """Checkpoints of a run: Lightning's full state (``.ckpt``: weights, optimizer, schedule, step) for exact
 resumption, written atomically, plus the model alone as safetensors beside each (``.safetensors``: what
-finetune, eval and export read; no pickle). Also: finding the checkpoint a config points at."""
+finetune, eval and export read; no pickle). Also: where a run starts (resume, init) - run folders
+themselves belong to ``fvl.runs.RunDir``."""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.fabric.utilities.cloud_io import _atomic_save
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fvl.models.checkpoint import save_checkpoint
+from fvl.runs import RunDir, resolve_weights
+from fvl.tracking import tracking_uri
 
-RUN_INFO = "run.json"
+if TYPE_CHECKING:
+    from fvl.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -65,131 +71,80 @@ def _sharded(trainer) -> bool:
     return "fsdp" in name or "deepspeed" in name
 
 
-def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".run.", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-    os.replace(tmp, run_dir / RUN_INFO)
+@dataclass
+class Start:
+    """Where a run starts: its folder, the ``.ckpt`` it resumes (if any) and the weights it is initialised
+    from (if any) with their MLflow run."""
+
+    run: RunDir
+    resume_ckpt: Path | None = None
+    init_weights: Path | None = None
+    init_run_id: str = ""
+
+    @property
+    def resumed(self) -> bool:
+        return self.resume_ckpt is not None
 
 
-def find_runs(
-    output_dir: str | Path, stage: str | None = None, name: str | None = None
-) -> list[tuple[Path, dict]]:
-    """Run folders under ``output_dir`` (newest first), filtered by stage and experiment name."""
-    runs = []
-    for info_path in Path(output_dir).glob(f"*/{RUN_INFO}"):
-        info = json.loads(info_path.read_text())
-        if (stage is None or info.get("stage") == stage) and (name is None or info.get("name") == name):
-            runs.append((info_path.parent, info))
-    return sorted(runs, key=lambda r: r[1].get("started", ""), reverse=True)
+def resolve_start(cfg: ExperimentConfig) -> Start:
+    """The run folder and starting point of ``cfg``: ``resume`` continues a run in its own folder; otherwise
+    a new folder, initialised from ``init_from`` when set."""
+    if cfg.resume:
+        ckpt, run = resolve_resume(cfg.resume, cfg.output_dir, cfg.name, cfg.stage.name)
+        return Start(run, resume_ckpt=ckpt)
+    start = Start(RunDir.create(cfg.output_dir, cfg.name, cfg.stage.name))
+    if cfg.init_from:
+        start.init_weights, start.init_run_id = resolve_init(
+            cfg.init_from, cfg.output_dir, cfg.stage.init_stage, tracking_uri(cfg.tracking)
+        )
+    elif cfg.stage.init_stage:
+        log.warning("stage %r starts from the model's own initialisation (no init_from)", cfg.stage.name)
+    return start
 
 
-def model_weights_of_run(run_dir: Path) -> Path:
-    """The run's best model weights, else its last (safetensors; the full ``.ckpt`` of a sharded run)."""
-    for name in ("best.safetensors", "last.safetensors", "best.ckpt", "last.ckpt"):
-        p = run_dir / "checkpoints" / name
-        if p.exists():
-            return p
-    raise FileNotFoundError(f"{run_dir}: no best/last checkpoint (did the run finish a step?)")
-
-
-def resolve_init(init_from: str, output_dir: str, tracking_uri: str | None = None) -> tuple[Path, str]:
-    """``(weights path, source run id or '')`` for ``init_from``: a path, ``latest`` or ``mlflow:RUN_ID``
-    (looked up in ``tracking_uri``)."""
+def resolve_init(
+    init_from: str, output_dir: str | Path, init_stage: str = "", tracking: str | None = None
+) -> tuple[Path, str]:
+    """``(weights path, source run id or '')`` for ``init_from``: a path, a run folder, ``latest`` (the newest
+    run of ``init_stage``) or ``mlflow:RUN_ID`` (looked up in the store ``tracking``)."""
     if init_from == "latest":
-        runs = find_runs(output_dir, stage="pretrain")
-        if not runs:
+        if not init_stage:
+            raise ValueError("init_from=latest needs the stage's init_stage (which stage to start from)")
+        try:
+            run = RunDir.latest(output_dir, stage=init_stage)
+        except FileNotFoundError:
             raise FileNotFoundError(
-                f"init_from=latest: no pretrain run under {output_dir}/ - run `make pretrain` first"
-            )
-        run_dir, info = runs[0]
-        return model_weights_of_run(run_dir), info.get("mlflow_run_id", "")
+                f"init_from=latest: no {init_stage} run under {output_dir}/ - train that stage first"
+            ) from None
+        return run.model_weights(), run.mlflow_run_id
     if init_from.startswith("mlflow:"):
         from mlflow.tracking import MlflowClient
 
         run_id = init_from.split(":", 1)[1]
-        run = MlflowClient(tracking_uri).get_run(run_id)
-        path = run.data.tags.get("checkpoint_path")
+        path = MlflowClient(tracking).get_run(run_id).data.tags.get("checkpoint_path")
         if not path:
             raise FileNotFoundError(f"init_from={init_from}: the run has no checkpoint_path tag")
         return Path(path), run_id
-    path = Path(init_from)
-    if not path.exists():
-        raise FileNotFoundError(f"init_from={init_from}: no such file")
-    if path.suffix == ".ckpt" and path.with_suffix(".safetensors").exists():
-        path = path.with_suffix(".safetensors")
-    run_id = ""
-    info = path.parent.parent / RUN_INFO
-    if info.exists():
-        run_id = json.loads(info.read_text()).get("mlflow_run_id", "")
-    return path, run_id
+    if not Path(init_from).exists():
+        raise FileNotFoundError(f"init_from={init_from}: no such file or run folder")
+    path = resolve_weights(init_from)
+    run = RunDir.of(path)
+    return path, run.mlflow_run_id if run else ""
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Model weights from a safetensors file (strict) or a Lightning ``.ckpt`` (``weights_only``)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_model
-
-        load_model(model, str(path), strict=True)
-        return
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(
-        {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}, strict=True
-    )
-
-
-def resolve_resume(resume: str, output_dir: str, name: str, stage: str) -> tuple[Path, dict]:
-    """The ``.ckpt`` to resume and the run info of its run (``last``: the newest run of name and stage)."""
+def resolve_resume(resume: str, output_dir: str | Path, name: str, stage: str) -> tuple[Path, RunDir]:
+    """The ``.ckpt`` to resume and its run (``last``: the newest run of this name and stage that has one)."""
     if resume == "last":
-        runs = find_runs(output_dir, stage=stage, name=name)
-        for run_dir, info in runs:
-            ckpt = run_dir / "checkpoints" / "last.ckpt"
-            if ckpt.exists():
-                return ckpt, info
+        for run in RunDir.find(output_dir, stage=stage, name=name):
+            if run.ckpt("last").exists():
+                return run.ckpt("last"), run
         raise FileNotFoundError(
             f"resume=last: no last.ckpt of a {stage} run named {name!r} under {output_dir}/"
         )
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint")
-    info_path = path.parent.parent / RUN_INFO
-    return path, json.loads(info_path.read_text()) if info_path.exists() else {}
-
-
-def resolve_checkpoint(spec: str, output_dir: str | Path = "runs") -> Path:
-    """Model weights for inference: a file, a run folder, or ``latest`` (the newest finetune run, else the
-    newest pretrain run, under ``output_dir``)."""
-    if spec == "latest":
-        for stage in ("finetune", "pretrain"):
-            runs = find_runs(output_dir, stage=stage)
-            if runs:
-                return model_weights_of_run(runs[0][0])
-        raise FileNotFoundError(
-            f"no runs under {output_dir}/: train one first (make pretrain, make finetune)"
-        )
-    path = Path(spec)
-    if path.is_dir():
-        return model_weights_of_run(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {spec} not found")
-    if path.suffix == ".ckpt" and path.with_suffix(".safetensors").exists():
-        return path.with_suffix(".safetensors")
-    return path
-
-
-def load_for_inference(path: Path):
-    """The model of a checkpoint: safetensors carry their config; a ``.ckpt`` uses its run's config.yaml."""
-    from fvl.models import build_model, load_checkpoint
-
-    if path.suffix == ".safetensors":
-        return load_checkpoint(path).eval()
-    from omegaconf import OmegaConf
-
-    cfg_path = path.parent.parent / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{path}: a .ckpt needs its run's config.yaml at {cfg_path}")
-    model = build_model(OmegaConf.load(cfg_path).model)
-    load_model_weights(model, path)
-    return model.eval()
+    run = RunDir.of(path)
+    if run is None:
+        raise FileNotFoundError(f"resume={resume}: the checkpoint is not inside a run folder")
+    return path, run

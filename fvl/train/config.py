@@ -1,4 +1,4 @@
-"""Typed schema of the training sections of an experiment YAML: ``train:``, ``trainer:``, ``tracking:``."""
+"""Typed schema of the training sections of an experiment YAML: ``train:`` and ``trainer:``."""
 
 from __future__ import annotations
 
@@ -95,21 +95,22 @@ class TrainerConfig:
         if self.max_steps <= 0:
             raise ValueError("trainer.max_steps must be positive")
 
+    def resolve_hardware(self) -> tuple[str, int, str]:
+        """``(accelerator, devices per node, precision)`` with ``auto`` made concrete, so that the world size
+        (and from it the gradient accumulation) is known before the Trainer exists."""
+        import torch
 
-@dataclass
-class TrackingConfig:
-    """MLflow tracking.
+        accelerator = self.accelerator
+        if accelerator == "auto":
+            accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        devices = self.devices
+        if devices == "auto":
+            devices = torch.cuda.device_count() if accelerator == "gpu" else 1
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16-mixed" if accelerator == "gpu" and torch.cuda.is_bf16_supported() else "32-true"
+        return accelerator, int(devices), precision
 
-    uri: tracking store; empty means ``$MLFLOW_TRACKING_URI`` or else the embedded SQLite store
-      ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/`` (no server needed).
-    experiment: MLflow experiment name.
-    run_name: MLflow run name (default: ``{name}-{stage}``).
-    sweep: sweep name (set by ``fvl sweep``; logged as a tag).
-    tags: extra tags.
-    """
-
-    uri: str = ""
-    experiment: str = "fvl"
-    run_name: str = ""
-    sweep: str = ""
-    tags: dict[str, str] = field(default_factory=dict)
+    @property
+    def world_size(self) -> int:
+        return self.resolve_hardware()[1] * self.num_nodes

@@ -1,9 +1,6 @@
-"""The LightningModules of the stages. ``FVLModule`` holds what all stages share (model, optimisation,
-logging); a stage subclass states what differs: which components train and how it starts.
-
-- ``PretrainModule``: everything trains, Florence-2 included, with its own LR (``train.vision_lr``).
-- ``FinetuneModule``: projector + LLM (optionally LoRA / QLoRA), from a pretrain checkpoint.
-- ``AlignModule``: the projector alone.
+"""The LightningModule that runs a stage. What a stage trains is data (``cfg.stage.trainable``), so one
+module runs every shipped stage; a stage whose step differs (e.g. another loss) registers its own subclass
+in ``STAGE_MODULES`` and names it in ``stage.module``.
 """
 
 from __future__ import annotations
@@ -16,21 +13,21 @@ import torch
 from lightning.pytorch.utilities import grad_norm
 from omegaconf import DictConfig
 
-from fvl.models import build_model, set_trainable
+from fvl.config import ExperimentConfig, as_experiment
+from fvl.models import build_model, load_model_weights, set_trainable
 from fvl.registry import Registry
 from fvl.train.adapters import apply_lora
-from fvl.train.checkpointing import load_model_weights
 from fvl.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
 
 class FVLModule(L.LightningModule):
-    stage: str = ""
+    """The model of ``cfg.model`` with the stage's trainable set, its optimisation and its step logging."""
 
-    def __init__(self, cfg: DictConfig, init_weights: str | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig | DictConfig, init_weights: str | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = as_experiment(cfg)
         self.model = build_model(cfg.model)
         if init_weights:
             load_model_weights(self.model, init_weights)
@@ -38,7 +35,7 @@ class FVLModule(L.LightningModule):
         if cfg.train.lora.enabled:
             apply_lora(self.model, cfg.train.lora)
         self.trainable_counts = set_trainable(
-            self.model, self.stage, llm_adapters_only=cfg.train.lora.enabled
+            self.model, cfg.stage.trainable, llm_adapters_only=cfg.train.lora.enabled, label=cfg.stage.name
         )
         self.skipped_total = 0
         self._last_time: float | None = None
@@ -97,30 +94,11 @@ class FVLModule(L.LightningModule):
         return self
 
 
-STAGE_MODULES: Registry[FVLModule] = Registry("stage")
+STAGE_MODULES: Registry[FVLModule] = Registry("stage module")
+STAGE_MODULES.register("default")(FVLModule)
 
 
-@STAGE_MODULES.register("pretrain")
-class PretrainModule(FVLModule):
-    """Stage 1: vision tower, projector and LLM all train (the paper's recipe)."""
-
-    stage = "pretrain"
-
-
-@STAGE_MODULES.register("finetune")
-class FinetuneModule(FVLModule):
-    """Stage 2: projector + LLM (or LoRA adapters) train; the vision tower is frozen."""
-
-    stage = "finetune"
-
-    def __init__(self, cfg: DictConfig, init_weights: str | None = None) -> None:
-        if not init_weights:
-            log.warning("finetune without init_from: starting from the model's own initialisation")
-        super().__init__(cfg, init_weights)
-
-
-@STAGE_MODULES.register("align")
-class AlignModule(FVLModule):
-    """The projector alone (LLaVA-style projector warm-up)."""
-
-    stage = "align"
+def build_module(cfg: ExperimentConfig | DictConfig, init_weights: str | None = None) -> FVLModule:
+    """The stage's module (``stage.module``) for ``cfg``, initialised from ``init_weights`` when given."""
+    cfg = as_experiment(cfg)
+    return STAGE_MODULES.build(cfg.stage.module, cfg, init_weights)

@@ -1,12 +1,17 @@
-"""One training run from a config: ``train(cfg)`` sets up the stage module, data, MLflow logger,
-checkpoints and the Lightning Trainer, fits, and returns (and prints) a summary."""
+"""One training run from a config, as a linear sequence of named steps:
+
+``resolve_start`` (resume or init, the run folder) -> ``build_module`` -> ``build_datamodule`` ->
+``build_callbacks`` -> ``build_trainer`` -> fit -> ``finish`` (final validation, last checkpoint, summary).
+MLflow belongs to ``TrackingCallback``; the run folder to ``RunDir``; derived values (gradient accumulation,
+hardware) to the config classes.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,19 +20,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from fvl.config import to_yaml
+from fvl.config import ExperimentConfig, as_experiment, to_yaml
 from fvl.data.datamodule import FVLDataModule
 from fvl.models.checkpoint import save_checkpoint
-from fvl.train.checkpointing import (
-    AtomicCheckpointIO,
-    FVLCheckpoint,
-    resolve_init,
-    resolve_resume,
-    write_run_info,
-)
-from fvl.train.module import STAGE_MODULES
+from fvl.runs import RunDir, is_rank_zero
+from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start
+from fvl.train.module import FVLModule, build_module
 from fvl.train.strategy import build_strategy
-from fvl.train.tracking import log_setup, make_logger, tracking_uri
+from fvl.train.tracking import TrackingCallback, make_logger
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class RunResult:
     run_dir: Path
     mlflow_run_id: str
-    checkpoint: Path | None
+    checkpoint: Path
     best_checkpoint: Path | None
     steps: int
     seconds: float
@@ -46,81 +46,95 @@ class RunResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_hardware(trainer_cfg) -> tuple[str, int, str]:
-    """``(accelerator, devices per node, precision)`` with ``auto`` made concrete, so the world size (and
-    from it the gradient accumulation) is known before the Trainer exists."""
-    accelerator = trainer_cfg.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    devices = trainer_cfg.devices
-    if devices == "auto":
-        devices = torch.cuda.device_count() if accelerator == "gpu" else 1
-    devices = int(devices)
-    precision = trainer_cfg.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if accelerator == "gpu" and torch.cuda.is_bf16_supported() else "32-true"
-    return accelerator, devices, precision
-
-
-def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"train.global_batch_size={global_batch} is not a multiple of data.batch_size={micro_batch} x "
-            f"{world_size} device(s): change one of them"
-        )
-    return global_batch // per_step
-
-
-def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResult:
+def train(cfg: DictConfig | ExperimentConfig, callbacks: list[L.Callback] | None = None) -> RunResult:
     """Run ``cfg`` (a loaded experiment config) to ``trainer.max_steps`` and return its summary."""
-    L.seed_everything(cfg.seed, workers=True)
-    resume_ckpt, resume_info = (
-        resolve_resume(cfg.resume, cfg.output_dir, cfg.name, cfg.stage) if cfg.resume else (None, {})
-    )
-    init_path, init_run = (None, "")
-    if cfg.init_from and not resume_ckpt:
-        init_path, init_run = resolve_init(cfg.init_from, cfg.output_dir, tracking_uri(cfg))
-    started = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    run_dir = Path(resume_info.get("run_dir") or Path(cfg.output_dir) / f"{cfg.name}-{cfg.stage}-{started}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    exp = as_experiment(cfg)
+    L.seed_everything(exp.seed, workers=True)
+    start = resolve_start(exp)
+    try:
+        return _run(cfg, exp, start, callbacks or [])
+    finally:
+        RunDir.end()
 
-    module = STAGE_MODULES.get(cfg.stage)(cfg, str(init_path) if init_path else None)
-    datamodule = FVLDataModule(cfg.data, module.model, cfg.stage, cfg.seed)
-    accelerator, devices, precision = resolve_hardware(cfg.trainer)
-    world = devices * cfg.trainer.num_nodes
-    accumulate = gradient_accumulation(cfg.train.global_batch_size, cfg.data.batch_size, world)
 
-    logger = make_logger(cfg, run_id=resume_info.get("mlflow_run_id"))
-    info = {
-        "name": cfg.name, "stage": cfg.stage, "run_dir": str(run_dir), "mlflow_run_id": logger.run_id,
-        "started": resume_info.get("started", started), "init_from": str(init_path or ""), "init_run_id": init_run,
-    }  # fmt: skip
-    ckpt_dir = run_dir / "checkpoints"
-    validate = cfg.data.val_samples > 0
-    losses: list[torch.Tensor] = []
-    cbs: list[L.Callback] = [_LossRecorder(losses)]
-    if cfg.train.checkpoint_every_n_steps:  # "last" overwritten every N steps (and always at the end)
-        cbs.append(FVLCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=cfg.train.checkpoint_every_n_steps,
-                                 save_top_k=1, enable_version_counter=False))  # fmt: skip
-    if validate and cfg.train.val_every_n_steps:
-        cbs.append(
+def _run(
+    cfg: DictConfig | ExperimentConfig, exp: ExperimentConfig, start: Start, callbacks: list[L.Callback]
+) -> RunResult:
+    if is_rank_zero():
+        start.run.write_config(to_yaml(cfg if isinstance(cfg, DictConfig) else exp))
+    log.info("run folder %s", start.run.path)
+
+    module = build_module(exp, str(start.init_weights) if start.init_weights else None)
+    datamodule = build_datamodule(exp, module)
+    accumulate = exp.gradient_accumulation(exp.trainer.world_size)
+    tracker = TrackingCallback(exp, start, accumulate)
+    losses = LossRecorder()
+    trainer = build_trainer(exp, start, module, [*build_callbacks(exp, start), tracker, losses, *callbacks])
+
+    # Frozen components run in eval mode on purpose (no dropout / drop-path in a frozen tower).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    began = time.perf_counter()
+    ckpt_path = str(start.resume_ckpt) if start.resume_ckpt else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    seconds = time.perf_counter() - began
+    result = finish(exp, start, trainer, module, datamodule, losses, seconds)
+    tracker.record_result(trainer, result)
+    result.info = start.run.info
+    trainer.logger.finalize("success")
+    return result
+
+
+def build_datamodule(cfg: ExperimentConfig, module: FVLModule) -> FVLDataModule:
+    """The stage's data, prepared by the model's processor with the stage's resize mode."""
+    processor = module.model.processor.with_resize_mode(cfg.stage.resize_mode)
+    return FVLDataModule(cfg.data, processor, cfg.stage.val_task, cfg.seed)
+
+
+_ONE_FILE = {"save_top_k": 1, "enable_version_counter": False}  # one file per name, overwritten
+
+
+def build_callbacks(cfg: ExperimentConfig, start: Start) -> list[L.Callback]:
+    """Checkpoints (``last`` every ``checkpoint_every_n_steps``, ``best`` by validation loss) and the
+    progress bar."""
+    folder = start.run.checkpoints
+    callbacks: list[L.Callback] = []
+    if cfg.train.checkpoint_every_n_steps:  # "last", overwritten every N steps (and always at the end)
+        every = cfg.train.checkpoint_every_n_steps
+        callbacks.append(
             FVLCheckpoint(
-                dirpath=ckpt_dir,
+                dirpath=folder,
+                filename="last",
+                every_n_train_steps=every,
+                save_top_k=1,
+                enable_version_counter=False,
+            )  # fmt: skip
+        )
+    if cfg.validates and cfg.train.val_every_n_steps:
+        callbacks.append(
+            FVLCheckpoint(
+                dirpath=folder,
                 filename="best",
                 monitor="val/loss",
                 mode="min",
                 save_top_k=1,
                 enable_version_counter=False,
-            )
+            )  # fmt: skip
         )
     if cfg.trainer.progress:
         from fvl.train.progress import StepProgressBar
 
-        cbs.append(StepProgressBar(leave=True))
-    cbs += callbacks or []
-    trainer = L.Trainer(
+        callbacks.append(StepProgressBar(leave=True))
+    return callbacks
+
+
+def build_trainer(
+    cfg: ExperimentConfig, start: Start, module: FVLModule, callbacks: list[L.Callback]
+) -> L.Trainer:
+    """The Lightning Trainer of ``cfg.trainer`` with the step-based schedule of ``cfg.train``."""
+    accelerator, devices, precision = cfg.trainer.resolve_hardware()
+    accumulate = cfg.gradient_accumulation(cfg.trainer.world_size)
+    periodic_val = cfg.validates and cfg.train.val_every_n_steps > 0
+    return L.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=cfg.trainer.num_nodes,
@@ -130,82 +144,81 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> RunResu
         max_epochs=-1,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=cfg.train.grad_clip or None,
-        logger=logger,
-        callbacks=cbs,
+        logger=make_logger(cfg, run_id=start.run.mlflow_run_id if start.resumed else None),
+        callbacks=callbacks,
         log_every_n_steps=cfg.train.log_every_n_steps,
-        val_check_interval=(cfg.train.val_every_n_steps * accumulate)
-        if validate and cfg.train.val_every_n_steps
-        else None,
+        val_check_interval=cfg.train.val_every_n_steps * accumulate if periodic_val else None,
         check_val_every_n_epoch=None,
-        limit_val_batches=1.0 if validate and cfg.train.val_every_n_steps else 0,
+        limit_val_batches=1.0 if periodic_val else 0,
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()] if "deepspeed" not in cfg.trainer.strategy else None,
         use_distributed_sampler=False,  # shards are split by rank and worker in the data pipeline
         enable_progress_bar=cfg.trainer.progress,
         enable_model_summary=False,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(start.run.path),
     )
-    if trainer.is_global_zero:
-        write_run_info(run_dir, info)
-        if resume_ckpt:  # params of a run are immutable in MLflow: record the resumption instead
-            logger.experiment.set_tag(logger.run_id, "resumed_from", str(resume_ckpt))
-        else:
-            log_setup(logger, cfg, run_dir, module.trainable_counts)
-            logger.log_hyperparams({"model.num_image_tokens": module.model.num_image_tokens})
-        logger.experiment.set_tag(logger.run_id, "run_dir", str(run_dir))
-        if init_run:
-            logger.experiment.set_tag(logger.run_id, "pretrain_run_id", init_run)
-        logger.experiment.set_tag(logger.run_id, "grad_accumulation", str(accumulate))
 
-    # Frozen components run in eval mode on purpose (no dropout / drop-path in a frozen tower).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    start = time.perf_counter()
-    trainer.fit(
-        module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True
-    )
-    seconds = time.perf_counter() - start
 
+def finish(
+    cfg: ExperimentConfig,
+    start: Start,
+    trainer: L.Trainer,
+    module: FVLModule,
+    datamodule: FVLDataModule,
+    losses: LossRecorder,
+    seconds: float,
+) -> RunResult:
+    """Final validation, the ``last`` checkpoint (full state and model weights) and the run's summary."""
     val_loss = None
-    if validate:
+    if cfg.validates:
         metrics = trainer.validate(module, datamodule=datamodule, verbose=False)
         val_loss = float(metrics[0]["val/loss"]) if metrics else None
-    last = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(last, weights_only=False)
-    last_weights = ckpt_dir / "last.safetensors"
-    best = ckpt_dir / "best.safetensors"
+    run = start.run
+    trainer.save_checkpoint(run.ckpt("last"), weights_only=False)
     if trainer.is_global_zero:
-        save_checkpoint(module.model, last_weights, extra_metadata={"global_step": str(trainer.global_step)})
+        save_checkpoint(
+            module.model, run.weights("last"), extra_metadata={"global_step": str(trainer.global_step)}
+        )
     trainer.strategy.barrier()
-
-    first_loss = float(torch.stack(losses[:10]).mean()) if losses else None
-    last_loss = float(torch.stack(losses[-10:]).mean()) if losses else None
-    result = RunResult(run_dir, logger.run_id, last_weights, best if best.exists() else None, trainer.global_step,
-                       seconds, first_loss, last_loss, val_loss, info)  # fmt: skip
-    if trainer.is_global_zero:
-        chosen = best if best.exists() else last_weights
-        client, rid = logger.experiment, logger.run_id
-        client.set_tag(rid, "checkpoint_path", str(chosen.resolve()))
-        client.set_tag(rid, "last_checkpoint_path", str(last_weights.resolve()))
-        client.set_tag(rid, "skipped_samples", str(module.skipped_total))
-        if val_loss is not None:
-            client.log_metric(rid, "val/final_loss", val_loss, step=trainer.global_step)
-        info.update({"finished": dt.datetime.now().isoformat(), "steps": trainer.global_step,
-                     "checkpoint": str(chosen), "first_loss": first_loss, "last_loss": last_loss, "val_loss": val_loss})  # fmt: skip
-        write_run_info(run_dir, info)
-    logger.finalize("success")
-    return result
+    best = run.weights("best")
+    first, last = losses.summary()
+    return RunResult(
+        run_dir=run.path,
+        mlflow_run_id=trainer.logger.run_id,
+        checkpoint=run.weights("last"),
+        best_checkpoint=best if best.exists() else None,
+        steps=trainer.global_step,
+        seconds=seconds,
+        first_loss=first,
+        last_loss=last,
+        val_loss=val_loss,
+        info=run.info,
+    )
 
 
-class _LossRecorder(L.Callback):
-    """Keeps the per-batch training loss for the run's closing summary."""
+class LossRecorder(L.Callback):
+    """Keeps the first and the last ``window`` per-batch training losses on the device (no host sync per
+    step) for the closing summary."""
 
-    def __init__(self, sink: list[torch.Tensor]) -> None:
-        self.sink = sink
+    def __init__(self, window: int = 10) -> None:
+        self.first: list[torch.Tensor] = []
+        self.last: deque[torch.Tensor] = deque(maxlen=window)
+        self.window = window
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.sink.append(loss.detach().float().cpu())
+        if loss is None:
+            return
+        loss = loss.detach().float()
+        if len(self.first) < self.window:
+            self.first.append(loss)
+        self.last.append(loss)
+
+    def summary(self) -> tuple[float | None, float | None]:
+        """Mean of the first and of the last ``window`` losses."""
+        if not self.first:
+            return None, None
+        return float(torch.stack(self.first).mean()), float(torch.stack(list(self.last)).mean())
 
 
 def print_summary(result: RunResult, tracking: str) -> None:

@@ -1,31 +1,21 @@
-"""Lightning strategies from a name in YAML. ``fsdp`` is given the model's own layer classes as wrap units
-(the LLM's ``_no_split_modules``, DaViT blocks, encoder layers), ``use_orig_params`` so that frozen and
-trainable parameters can share a unit; every other name goes to Lightning as it is (``ddp``,
-``deepspeed_stage_2``, ``deepspeed_stage_3`` ...)."""
+"""Lightning strategies from a name in YAML. ``fsdp`` is given the model's own repeated blocks as wrap units
+(``FlorenceVL.fsdp_wrap_classes``: each tower states its blocks, the LLM its ``_no_split_modules``), with
+``use_orig_params`` so that frozen and trainable parameters can share a unit; every other name goes to
+Lightning as it is (``ddp``, ``deepspeed_stage_2``, ``deepspeed_stage_3`` ...)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-VISION_BLOCKS = ("Florence2VisionBlock", "BartEncoderLayer", "CLIPEncoderLayer", "SiglipEncoderLayer")
+from fvl.models import FlorenceVL
 
 
-def layer_classes(model: nn.Module) -> set[type]:
-    """Classes of the repeated layers: the wrap (and activation checkpointing) units for FSDP."""
-    names = set(VISION_BLOCKS)
-    llm = getattr(model, "llm", None)
-    names |= set(getattr(llm, "_no_split_modules", None) or [])
-    return {type(m) for m in model.modules() if type(m).__name__ in names}
-
-
-def build_strategy(name: str, model: nn.Module, gradient_checkpointing: bool = False) -> Any:
+def build_strategy(name: str, model: FlorenceVL, gradient_checkpointing: bool = False) -> Any:
     if name != "fsdp":
         return name
     from lightning.pytorch.strategies import FSDPStrategy
 
-    classes = layer_classes(model)
+    classes = model.fsdp_wrap_classes()
     return FSDPStrategy(
         auto_wrap_policy=classes,
         activation_checkpointing_policy=classes if gradient_checkpointing else None,

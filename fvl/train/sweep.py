@@ -5,7 +5,7 @@ sweep: fusion                       # the MLflow tag `sweep` of every run
 stages: [../pretrain.yaml, ../finetune.yaml]   # run in order per grid point; a later stage starts from
                                     # the previous stage's checkpoint of the same point
 overrides: [trainer.max_steps=300]    # applied to every run
-eval: {samples: 350}                # optional: score each point's last stage on the synthetic test split
+eval: {samples: 350}                # optional (EvalConfig keys): score each point's last stage
 grid:                               # the cartesian product of the axes
   fusion: [../fusion/dbfusion.yaml, ../fusion/avg_pool.yaml]   # YAML files: merged on top, labelled by stem
   seed: [0, 1]                      # values of the config key named by the axis
@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fvl.config import ConfigError, load
+from fvl.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class Sweep:
     overrides: list[str]
     axes: dict[str, list[Any]]
     path: Path
-    eval_samples: int = 0  # > 0: score each grid point's last checkpoint on the synthetic test split
+    eval: EvalConfig | None = None  # score each grid point's last checkpoint (``fvl eval``'s options)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -74,12 +76,13 @@ def load_sweep(path: str | Path) -> Sweep:
             (path.parent / v).resolve() if isinstance(v, str) and v.endswith((".yaml", ".yml")) else v
             for v in values
         ]
-    evaluation = raw.get("eval") or {}
-    if evaluation and set(evaluation) - {"samples"}:
-        raise ConfigError(f"{path}: eval takes only 'samples' (synthetic test questions per run)")
-    return Sweep(
-        raw["sweep"], stages, list(raw.get("overrides") or []), axes, path, int(evaluation.get("samples", 0))
-    )
+    evaluation = None
+    if raw.get("eval"):
+        try:
+            evaluation = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), raw["eval"]))
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"{path}: eval: {e}") from None
+    return Sweep(raw["sweep"], stages, list(raw.get("overrides") or []), axes, path, evaluation)
 
 
 def grid_points(sweep: Sweep) -> list[tuple[dict[str, str], list[Path], list[str]]]:
@@ -121,10 +124,10 @@ def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_
             runs.append(run)
             try:
                 cfg = load(stage_file, overrides, layers=layers)
-                run.stage = cfg.stage
+                run.stage = cfg.stage.name
                 run.result = previous = train_fn(cfg)
-                if sweep.eval_samples and stage_file == sweep.stages[-1]:
-                    run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval_samples)
+                if sweep.eval and sweep.eval.samples and stage_file == sweep.stages[-1]:
+                    run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval)
                 run.status = "ok"
             except Exception as e:  # reported, and the sweep goes on
                 run.status, run.error = "failed", f"{type(e).__name__}: {e}"
@@ -133,21 +136,12 @@ def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_
     return runs
 
 
-def evaluate_run(checkpoint: Path, cfg, samples: int) -> dict[str, float]:
-    """Synthetic test-split scores of a checkpoint, logged on its own MLflow run; returns them per kind."""
-    from fvl.eval.benchmarks import synthetic
-    from fvl.eval.evaluate import evaluate, log_to_mlflow
-    from fvl.train.checkpointing import load_for_inference
-    from fvl.train.tracking import tracking_uri
+def evaluate_run(checkpoint: Path, cfg, evaluation: EvalConfig) -> dict[str, float]:
+    """Scores of a grid point's checkpoint (logged on its own MLflow run), per kind and overall."""
+    from fvl.eval.evaluate import evaluate_checkpoint
 
-    result = evaluate(load_for_inference(Path(checkpoint)), synthetic(samples), progress=False)
-    out = Path(checkpoint).parent.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "synthetic.json"
-    import json
-
-    path.write_text(json.dumps(result.to_json(), indent=1))
-    log_to_mlflow([result], Path(checkpoint), tracking_uri(cfg), [path])
+    report = evaluate_checkpoint(checkpoint, evaluation, tracking=cfg.tracking, progress=False)
+    result = report.results[0]
     return {"score": result.aggregate["score"], **{g: v["score"] for g, v in result.groups.items()}}
 
 

@@ -1,54 +1,45 @@
-"""MLflow tracking of a run: the embedded SQLite store by default (``mlruns/mlflow.db``, artifacts under
-``mlruns/``), ``$MLFLOW_TRACKING_URI`` or ``tracking.uri`` for a team server."""
+"""MLflow for training runs: the Lightning logger, and ``TrackingCallback``, which owns every tag, param
+and summary metric of a run (per-step metrics are logged by the module through ``self.log``)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import os
-import subprocess
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from fvl.config import REPO_ROOT
+from fvl.runs import RunDir
+from fvl.tracking import artifact_location, git_commit, tracking_uri
 
-DEFAULT_DIR = "mlruns"
-
-
-def tracking_uri(cfg: DictConfig | None = None) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store ``mlruns/mlflow.db``."""
-    if cfg is not None and cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    folder = Path(DEFAULT_DIR).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+if TYPE_CHECKING:
+    from fvl.config import ExperimentConfig
+    from fvl.train.checkpointing import Start
+    from fvl.train.run import RunResult
 
 
-def git_commit() -> str:
-    """The commit of the code that ran, with ``-dirty`` when the work tree had changes."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def make_logger(cfg: ExperimentConfig, run_id: str | None = None) -> MLFlowLogger:
+    """The run's MLflow logger: a new run in ``tracking.experiment``, or ``run_id`` continued (resume)."""
+    uri = tracking_uri(cfg.tracking)
+    return MLFlowLogger(
+        experiment_name=cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name or cfg.run_label,
+        tracking_uri=uri,
+        tags=run_tags(cfg) if run_id is None else None,
+        artifact_location=artifact_location(uri),
+        run_id=run_id,
+    )
 
 
-def run_tags(cfg: DictConfig) -> dict[str, str]:
+def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """What a run is, as tags to filter and group by: stage, preset, fusion, features, recipe, commit."""
+    from pathlib import Path
+
     m = cfg.model
     tags = {
-        "stage": cfg.stage,
+        "stage": cfg.stage.name,
         "model": m.preset,
         "fusion": m.fusion.name,
         "features": ",".join(m.fusion.features),
@@ -62,23 +53,8 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
-def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
-    uri = tracking_uri(cfg)
-    # A SQLite store keeps its artifacts beside the database file (mlruns/ for the default store).
-    artifacts = (
-        Path(uri[len("sqlite:///") :]).resolve().parent.as_uri() if uri.startswith("sqlite:///") else None
-    )
-    return MLFlowLogger(
-        experiment_name=cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name or f"{cfg.name}-{cfg.stage}",
-        tracking_uri=uri,
-        tags=run_tags(cfg) if run_id is None else None,
-        artifact_location=artifacts,
-        run_id=run_id,
-    )
-
-
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"a.b.c": value}`` (lists as JSON), as MLflow params."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -89,14 +65,85 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_setup(
-    logger: MLFlowLogger, cfg: DictConfig, run_dir: Path, counts: dict[str, dict[str, int]]
-) -> None:
-    """Params (the flattened resolved config and the trainable counts) and the YAML as an artifact."""
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    for component, c in counts.items():
-        for kind, n in c.items():
-            params[f"params.{component}.{kind}"] = n
-    logger.log_hyperparams(params)
-    config_path = run_dir / "config.yaml"
-    logger.experiment.log_artifact(logger.run_id, str(config_path))
+class TrackingCallback(L.Callback):
+    """Owns the run's MLflow record and its ``run.json``, on global rank zero.
+
+    ``on_fit_start``: the run's identity (``run.json``), params (the flattened resolved config, trainable
+    counts per component, LLM tokens per image), the config as an artifact and the set-up tags - or, on
+    resume, a ``resumed_from`` tag (an MLflow run's params are immutable). ``on_fit_end``: steps and skipped
+    samples. ``record_result``: the final checkpoint, validation loss and losses, after the run's last save.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, start: Start, accumulate: int) -> None:
+        self.cfg = cfg
+        self.start = start
+        self.accumulate = accumulate
+
+    @property
+    def run(self) -> RunDir:
+        return self.start.run
+
+    def _client(self, trainer: L.Trainer) -> tuple[Any, str]:
+        logger: MLFlowLogger = trainer.logger  # type: ignore[assignment]
+        return logger.experiment, logger.run_id
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        client, run_id = self._client(trainer)
+        info = self.run.info
+        self.run.write_info(
+            {
+                **info,
+                "name": self.cfg.name,
+                "stage": self.cfg.stage.name,
+                "run_dir": str(self.run.path),
+                "mlflow_run_id": run_id,
+                "init_from": str(self.start.init_weights or info.get("init_from", "")),
+                "init_run_id": self.start.init_run_id or info.get("init_run_id", ""),
+            }
+        )
+        if self.start.resumed:
+            client.set_tag(run_id, "resumed_from", str(self.start.resume_ckpt))
+        else:
+            params = flatten(OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True))  # type: ignore[arg-type]
+            for component, counts in pl_module.trainable_counts.items():
+                for kind, n in counts.items():
+                    params[f"params.{component}.{kind}"] = n
+            params["model.num_image_tokens"] = pl_module.model.num_image_tokens
+            trainer.logger.log_hyperparams(params)
+            client.log_artifact(run_id, str(self.run.config_path))
+        client.set_tag(run_id, "run_dir", str(self.run.path))
+        if self.start.init_run_id:
+            client.set_tag(run_id, "init_run_id", self.start.init_run_id)
+        client.set_tag(run_id, "grad_accumulation", str(self.accumulate))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        client, run_id = self._client(trainer)
+        client.set_tag(run_id, "steps", str(trainer.global_step))
+        client.set_tag(run_id, "skipped_samples", str(getattr(pl_module, "skipped_total", 0)))
+
+    def record_result(self, trainer: L.Trainer, result: RunResult) -> None:
+        """The run's outcome: checkpoint tags, ``val/final_loss`` and the summary in ``run.json``."""
+        if not trainer.is_global_zero:
+            return
+        client, run_id = self._client(trainer)
+        chosen = result.best_checkpoint or result.checkpoint
+        client.set_tag(run_id, "checkpoint_path", str(chosen.resolve()))
+        client.set_tag(run_id, "last_checkpoint_path", str(result.checkpoint.resolve()))
+        if result.val_loss is not None:
+            client.log_metric(run_id, "val/final_loss", result.val_loss, step=trainer.global_step)
+        self.run.update_info(
+            finished=_now(),
+            steps=result.steps,
+            checkpoint=str(chosen),
+            first_loss=result.first_loss,
+            last_loss=result.last_loss,
+            val_loss=result.val_loss,
+        )
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat()

@@ -22,9 +22,14 @@ class Fusion(nn.Module):
     def output_dim(self) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def tokens_for(cls, n_features: int, in_tokens: int) -> int:
+        """Output tokens for ``n_features`` features of ``in_tokens`` tokens each (known before building)."""
+        return in_tokens
+
     @property
     def output_tokens(self) -> int:
-        raise NotImplementedError
+        return self.tokens_for(len(self.names), self.in_tokens)
 
     def _select(self, features: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in features]

@@ -10,9 +10,5 @@ class ChannelConcatFusion(Fusion):
     def output_dim(self) -> int:
         return sum(self.dims.values())
 
-    @property
-    def output_tokens(self) -> int:
-        return self.in_tokens
-
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat(self._select(features), dim=-1)

@@ -15,9 +15,5 @@ class SingleLayerFusion(Fusion):
     def output_dim(self) -> int:
         return self.dims[self.names[0]]
 
-    @property
-    def output_tokens(self) -> int:
-        return self.in_tokens
-
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._select(features)[0]

@@ -10,9 +10,9 @@ class TokenConcatFusion(Fusion):
     def output_dim(self) -> int:
         return self._require_equal_dims("token_concat")
 
-    @property
-    def output_tokens(self) -> int:
-        return self.in_tokens * len(self.names)
+    @classmethod
+    def tokens_for(cls, n_features: int, in_tokens: int) -> int:
+        return in_tokens * n_features
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat(self._select(features), dim=1)

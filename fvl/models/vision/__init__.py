@@ -5,6 +5,7 @@ from fvl.models.config import VisionConfig
 from fvl.models.vision.base import VisionTower
 from fvl.models.vision.florence2 import Florence2Tower
 from fvl.models.vision.hf_vit import CLIPTower, SiglipTower
+from fvl.models.vision.transform import ImageTransform
 from fvl.registry import Registry
 
 VISION_TOWERS: Registry[VisionTower] = Registry("vision tower")
@@ -13,8 +14,10 @@ VISION_TOWERS.register("clip")(CLIPTower)
 VISION_TOWERS.register("siglip")(SiglipTower)
 
 
-def build_vision_tower(cfg: VisionConfig) -> VisionTower:
-    return VISION_TOWERS.build(cfg.name, cfg)
+def build_vision_tower(cfg: VisionConfig, resize_mode: str = "pad") -> tuple[VisionTower, ImageTransform]:
+    """``(tower, transform)``: the tower and the preprocessing its pixels need."""
+    tower = VISION_TOWERS.build(cfg.name, cfg)
+    return tower, tower.transform(resize_mode)
 
 
 __all__ = ["VISION_TOWERS", "VisionTower", "build_vision_tower", "Florence2Tower", "CLIPTower", "SiglipTower"]

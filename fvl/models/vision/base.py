@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fvl.models.config import VisionConfig
+from fvl.models.vision.transform import ImageTransform
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,8 +24,12 @@ class VisionTower(nn.Module, ABC):
 
     Subclasses set ``image_size``, ``image_mean`` and ``image_std`` (the preprocessing the data pipeline
     applies) and implement the abstract methods. ``features(pixel_values, names)`` computes only the features
-    named, so an ablation that drops a prompt does not pay for it.
+    named, so an ablation that drops a prompt does not pay for it. The class methods answer from the config
+    alone, without building the tower: the data side uses them to prepare batches (see ``fvl.models.processor``).
     """
+
+    default_mean: tuple[float, float, float] = IMAGENET_MEAN
+    default_std: tuple[float, float, float] = IMAGENET_STD
 
     image_size: int
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -55,6 +62,25 @@ class VisionTower(nn.Module, ABC):
     @abstractmethod
     def save_pretrained(self, out_dir: str | Path) -> None:
         """Write a folder that plain transformers ``from_pretrained`` loads."""
+
+    @classmethod
+    @abstractmethod
+    def tokens_for(cls, cfg: VisionConfig) -> int:
+        """Tokens per image of every feature for ``cfg``, read from its config, without building the tower."""
+
+    @classmethod
+    def transform_for(cls, cfg: VisionConfig, mode: str = "square") -> ImageTransform:
+        """The preprocessing this tower expects: its resolution, and the mean / std of a pretrained folder's
+        ``preprocessor_config.json`` (else the architecture's defaults)."""
+        mean, std = read_image_stats(cfg.path, cls.default_mean, cls.default_std)
+        return ImageTransform(cfg.image_size, mean, std, mode)
+
+    def transform(self, mode: str = "square") -> ImageTransform:
+        return ImageTransform(self.image_size, tuple(self.image_mean), tuple(self.image_std), mode)
+
+    @abstractmethod
+    def wrap_classes(self) -> set[type[nn.Module]]:
+        """Classes of this tower's repeated blocks: FSDP wrap units and activation-checkpointing units."""
 
     def check_names(self, names: Sequence[str] | None) -> list[str]:
         if names is None:

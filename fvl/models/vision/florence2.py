@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from transformers import (
     AutoTokenizer,
     BartConfig,
@@ -25,16 +26,10 @@ from transformers import (
     Florence2Model,
     Florence2VisionConfig,
 )
+from transformers.models.florence2.modeling_florence2 import Florence2VisionBlock
 
 from fvl.models.config import VisionConfig, check_arch_keys, plain_dict
-from fvl.models.vision.base import (
-    DTYPES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    VisionTower,
-    read_image_stats,
-    require_local_dir,
-)
+from fvl.models.vision.base import DTYPES, VisionTower, require_local_dir
 
 # Florence-2's own expansions of its task tokens (its processor feeds these texts, not the tokens).
 TASK_PROMPTS = {
@@ -83,8 +78,25 @@ def random_init_config(arch: dict, tokenizer) -> Florence2Config:
     return Florence2Config(text_config={"model_type": "bart", **text}, **arch)
 
 
+def _tokens(vision_config: Florence2VisionConfig, cfg: VisionConfig) -> int:
+    return davit_tokens(vision_config, cfg.image_size) + int(cfg.keep_pooled_token)
+
+
 class Florence2Tower(VisionTower):
     """DaViT + Florence-2's image projection + the multimodal encoder, returning named features."""
+
+    @classmethod
+    def tokens_for(cls, cfg: VisionConfig) -> int:
+        if cfg.init == "pretrained":
+            path = require_local_dir(cfg.path, "model.vision.path", "Florence-2 (transformers-native format)")
+            vision_config = Florence2Config.from_pretrained(path).vision_config
+        else:
+            vision_config = Florence2VisionConfig(**plain_dict(cfg.arch).get("vision_config", {}))
+        return _tokens(vision_config, cfg)
+
+    def wrap_classes(self) -> set[type[nn.Module]]:
+        # DaViT's blocks and the encoder's layers: the repeated units, each of one dtype.
+        return {Florence2VisionBlock} | {type(layer) for layer in self.encoder.layers}
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -105,12 +117,12 @@ class Florence2Tower(VisionTower):
         self.davit = model.vision_tower
         self.image_projection = model.multi_modal_projector
         self.encoder = model.language_model.encoder  # shares its token embedding with the (dropped) decoder
-        self.image_size = cfg.image_size
-        self.image_mean, self.image_std = read_image_stats(cfg.path, IMAGENET_MEAN, IMAGENET_STD)
+        spec = self.transform_for(cfg)
+        self.image_size, self.image_mean, self.image_std = spec.size, spec.mean, spec.std
         self.keep_pooled_token = cfg.keep_pooled_token
         self.prompt_names = [p.name for p in cfg.prompts]
         self.prompt_texts = [expand_prompt(p.text) for p in cfg.prompts]
-        self._tokens = davit_tokens(config.vision_config, cfg.image_size) + int(cfg.keep_pooled_token)
+        self._tokens = _tokens(config.vision_config, cfg)
 
         # Prompts tokenised once, as Florence-2's processor does: <s> text </s>, right-padded to one length.
         ids = [

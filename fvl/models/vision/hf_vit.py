@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from fvl.models.config import VisionConfig, check_arch_keys, plain_dict
-from fvl.models.vision.base import DTYPES, VisionTower, read_image_stats, require_local_dir
+from fvl.models.vision.base import DTYPES, VisionTower, require_local_dir
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -21,9 +22,25 @@ class HFViTTower(VisionTower):
 
     model_cls: type
     config_cls: type
-    default_mean: tuple
-    default_std: tuple
     has_class_token: bool
+
+    @classmethod
+    def _config(cls, cfg: VisionConfig):
+        if cfg.init == "pretrained":
+            return cls.config_cls.from_pretrained(
+                require_local_dir(cfg.path, "model.vision.path", cls.model_cls.__name__)
+            )
+        arch = {"image_size": cfg.image_size, **plain_dict(cfg.arch)}
+        check_arch_keys(cls.config_cls, arch, "model.vision.arch")
+        return cls.config_cls(**arch)
+
+    @classmethod
+    def tokens_for(cls, cfg: VisionConfig) -> int:
+        config = cls._config(cfg)
+        return (config.image_size // config.patch_size) ** 2
+
+    def wrap_classes(self) -> set[type[nn.Module]]:
+        return {type(layer) for layer in self.model.vision_model.encoder.layers}
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -32,16 +49,14 @@ class HFViTTower(VisionTower):
             path = require_local_dir(cfg.path, "model.vision.path", self.model_cls.__name__)
             self.model = self.model_cls.from_pretrained(path, dtype=dtype)
         else:
-            arch = {"image_size": cfg.image_size, **plain_dict(cfg.arch)}
-            check_arch_keys(self.config_cls, arch, "model.vision.arch")
-            self.model = self.model_cls(self.config_cls(**arch)).to(dtype)
+            self.model = self.model_cls(self._config(cfg)).to(dtype)
         config = self.model.config
         if config.image_size != cfg.image_size:
             raise ValueError(
                 f"model.vision.image_size={cfg.image_size} but the tower was built for {config.image_size}"
             )
-        self.image_size = cfg.image_size
-        self.image_mean, self.image_std = read_image_stats(cfg.path, self.default_mean, self.default_std)
+        spec = self.transform_for(cfg)
+        self.image_size, self.image_mean, self.image_std = spec.size, spec.mean, spec.std
         n_layers = config.num_hidden_layers
         self.layers = list(cfg.layers)
         for i in self.layers:

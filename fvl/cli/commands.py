@@ -1,0 +1,407 @@
+"""The ``fvl`` subcommands as typed functions. Each takes one argument dataclass whose fields and docstring
+generate the command's parser (``fvl.cli.args``); each function is a thin call into the library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fvl.eval.config import AlignConfig, EvalConfig, PCAConfig
+from fvl.tracking import DEFAULT_EXPERIMENT
+
+_POS = {"positional": True}
+ALIGN_VARIANTS = ("dbfusion", "minus_davit", "minus_caption", "minus_ocr", "minus_grounding", "davit_only")
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+@dataclass
+class InfoArgs:
+    """Build a model from a config and print its token counts and trainable set.
+
+    config: experiment YAML, experiment name (pretrain) or model preset (tiny, florence_vl_3b, florence_vl_8b).
+    overrides: dot-list overrides, e.g. model.fusion.name=avg_pool.
+    stage: the stage whose trainable set to report (a name in experiments/stages; default: the config's).
+    print_config: print the resolved config first.
+    """
+
+    config: str = field(metadata=_POS)
+    overrides: list[str] = field(default_factory=list, metadata=_POS)
+    stage: str = ""
+    print_config: bool = False
+
+
+def info(args: InfoArgs) -> int:
+    from fvl.config import load, to_yaml
+    from fvl.models import build_model, set_trainable
+
+    cfg = load(args.config, [*args.overrides, *([f"stage={args.stage}"] if args.stage else [])])
+    if args.print_config:
+        print(to_yaml(cfg))
+    model = build_model(cfg.model)
+    counts = set_trainable(model, cfg.stage.trainable, label=cfg.stage.name)
+    print(
+        f"preset {cfg.model.preset}: {model.vision.num_tokens} tokens/feature, fusion {cfg.model.fusion.name} "
+        f"{list(cfg.model.fusion.features)} -> {model.num_image_tokens} LLM tokens/image of width "
+        f"{model.hidden_size}; stage {cfg.stage.name}"
+    )
+    for component, c in counts.items():
+        print(
+            f"  {component:<10} trainable {c['trainable']:>14,}  frozen {c['frozen']:>14,}  unused {c['unused']:>12,}"
+        )
+    return 0
+
+
+@dataclass
+class ExportArgs:
+    """Write a transformers-loadable folder from an fvl checkpoint.
+
+    checkpoint: an fvl safetensors checkpoint, a run folder or latest.
+    out: output folder.
+    runs: where latest looks for runs.
+    """
+
+    checkpoint: str = field(metadata=_POS)
+    out: str = field(metadata=_POS)
+    runs: str = "runs"
+
+
+def export(args: ExportArgs) -> int:
+    from fvl.models import export as export_model
+    from fvl.models import load_for_inference
+
+    out = export_model(load_for_inference(args.checkpoint, args.runs), args.out)
+    print(
+        f"exported to {out}: llm/ and vision/ load with transformers from_pretrained; fvl.models.load_exported loads all"
+    )
+    return 0
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+@dataclass
+class ShardsBuildArgs:
+    """Build (or resume) the WebDataset shards of a data recipe.
+
+    recipe: recipe YAML or a name in data_recipes/ (e.g. synthetic).
+    out: output folder.
+    part: K/N: build the K-th of N disjoint parts (then fvl shards merge).
+    workers: worker processes.
+    samples_per_shard: override the recipe's shards.samples_per_shard (0: keep it).
+    quiet: no progress bar.
+    """
+
+    recipe: str = field(metadata=_POS)
+    out: str
+    part: str | None = None
+    workers: int = 2
+    samples_per_shard: int = 0
+    quiet: bool = False
+
+
+def shards_build(args: ShardsBuildArgs) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fvl.data.recipes import load_recipe
+    from fvl.data.shards import build, parse_part, plan, read_items
+
+    recipe = load_recipe(args.recipe)
+    if args.samples_per_shard:
+        recipe.shards.samples_per_shard = args.samples_per_shard
+    k, n = parse_part(args.part)
+    counts = {s.name: len(read_items(s)) for s in recipe.sources}
+    total = sum(t.end - t.start for i, t in enumerate(plan(recipe, counts)) if i % n == k)
+    columns = (
+        TextColumn("[bold]shards"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("items"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=args.quiet) as bar:
+        task = bar.add_task("build", total=total)
+        manifest = build(
+            recipe, args.out, part=args.part, workers=args.workers, progress=lambda m: bar.advance(task, m)
+        )
+    for name, s in manifest["sources"].items():
+        skipped = ", ".join(f"{r} {c}" for r, c in sorted(s["skipped"].items())) or "none"
+        print(f"{name}: {s['written']} written, skipped: {skipped}")
+    print(f"{len(manifest['shards'])} shards in {args.out} (part {manifest['part']})")
+    return 0
+
+
+@dataclass
+class ShardsMergeArgs:
+    """Combine the part manifests of a build split with --part into manifest.json.
+
+    out: the folder the parts were built into.
+    """
+
+    out: str = field(metadata=_POS)
+
+
+def shards_merge(args: ShardsMergeArgs) -> int:
+    from fvl.data.shards import merge
+
+    manifest = merge(args.out)
+    print(f"merged {len(manifest['shards'])} shards into {args.out}/manifest.json")
+    return 0
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainArgs:
+    """Train a stage from an experiment YAML.
+
+    config: experiment YAML or name, e.g. experiments/pretrain.yaml or pretrain.
+    overrides: dot-list overrides: trainer.max_steps=400 resume=last stage=finetune ...
+    """
+
+    config: str = field(metadata=_POS)
+    overrides: list[str] = field(default_factory=list, metadata=_POS)
+
+
+def train(args: TrainArgs) -> int:
+    from fvl.config import load
+    from fvl.tracking import tracking_uri
+    from fvl.train.run import print_summary
+    from fvl.train.run import train as run_training
+
+    cfg = load(args.config, args.overrides)
+    result = run_training(cfg)
+    if result.info.get("finished"):  # global rank zero
+        print_summary(result, tracking_uri(cfg.tracking))
+    return 0
+
+
+@dataclass
+class SweepArgs:
+    """Run a grid of experiments declared in a sweep YAML, reporting failures and going on.
+
+    sweep: sweep YAML, e.g. experiments/sweeps/fusion.yaml.
+    overrides: dot-list overrides applied to every run.
+    """
+
+    sweep: str = field(metadata=_POS)
+    overrides: list[str] = field(default_factory=list, metadata=_POS)
+
+
+def sweep(args: SweepArgs) -> int:
+    from fvl.train.sweep import load_sweep, print_sweep_summary, run_sweep
+
+    runs = run_sweep(args.sweep, args.overrides)
+    print_sweep_summary(load_sweep(args.sweep).name, runs)
+    return 0 if all(r.status == "ok" for r in runs) else 1
+
+
+# ---- evaluation and analysis -------------------------------------------------------------------------------
+@dataclass
+class EvalArgs:
+    """Evaluate a checkpoint on benchmarks (default: the synthetic test split, per skill).
+
+    checkpoint: weights file, run folder or latest (the newest run under --runs).
+    out: folder for the JSON results (default: the run's eval/).
+    runs: where latest looks for runs.
+    experiment: MLflow experiment of a new run when the checkpoint has none (default: its run's config's).
+    quiet: no progress bar.
+    """
+
+    checkpoint: str = field(default="latest", metadata=_POS)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str | None = None
+    runs: str = "runs"
+    experiment: str | None = None
+    quiet: bool = False
+
+
+def evaluate(args: EvalArgs) -> int:
+    from fvl.eval.evaluate import evaluate_checkpoint, print_results
+    from fvl.tracking import TrackingConfig
+
+    tracking = TrackingConfig(experiment=args.experiment) if args.experiment else None
+    report = evaluate_checkpoint(
+        args.checkpoint, args.eval, args.runs, args.out, tracking, progress=not args.quiet
+    )
+    for result in report.results:
+        print_results(result)
+    print(f"results: {', '.join(str(p) for p in report.paths)}; MLflow run {report.mlflow_run_id}")
+    return 0
+
+
+@dataclass
+class ChatArgs:
+    """Ask a checkpoint about an image; without a question, an interactive loop.
+
+    checkpoint: weights file, run folder or latest.
+    question: the question (none: an interactive loop).
+    image: image file.
+    max_new_tokens: longest answer.
+    runs: where latest looks for runs.
+    """
+
+    checkpoint: str = field(metadata=_POS)
+    question: list[str] = field(default_factory=list, metadata=_POS)
+    image: str | None = None
+    max_new_tokens: int = 64
+    runs: str = "runs"
+
+
+def chat(args: ChatArgs) -> int:
+    from PIL import Image
+
+    from fvl.models import load_for_inference
+
+    model = load_for_inference(args.checkpoint, args.runs)
+    image = Image.open(args.image).convert("RGB") if args.image else None
+
+    def answer(question: str) -> str:
+        return model.generate([image], [question], max_new_tokens=args.max_new_tokens)[0]
+
+    if args.question:
+        print(answer(" ".join(args.question)))
+        return 0
+    print("fvl chat: type a question; ':image PATH' changes the image; ':quit' or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line in (":quit", ":q"):
+            return 0
+        if line.startswith(":image "):
+            image = Image.open(line.split(" ", 1)[1].strip()).convert("RGB")
+            continue
+        if line:
+            print(answer(line))
+
+
+@dataclass
+class AnalysisTarget:
+    """What an analysis runs on, and where it is logged.
+
+    model: checkpoint (file, run folder, latest) or model preset (built with its own init).
+    runs: where latest looks for runs.
+    experiment: MLflow experiment of the analysis run.
+    """
+
+    model: str = "tiny"
+    runs: str = "runs"
+    experiment: str = DEFAULT_EXPERIMENT
+
+    def load_model(self):
+        from fvl import resources
+        from fvl.models import build_model, load_for_inference
+
+        if not Path(self.model).exists() and self.model in resources.names("experiments", "models"):
+            from fvl.config import load
+
+            return build_model(load(self.model).model).eval()
+        return load_for_inference(self.model, self.runs)
+
+    def log(self, kind: str, files: list[Path]) -> str:
+        from fvl.tracking import TrackingConfig, analysis_run
+
+        return analysis_run(kind, files, {"model": self.model}, TrackingConfig(experiment=self.experiment))
+
+
+@dataclass
+class AlignArgs:
+    """The paper's vision-language alignment loss for several fusion variants, plotted side by side.
+
+    out: output folder (align.png, align.csv).
+    """
+
+    target: AnalysisTarget = field(default_factory=AnalysisTarget)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    out: str = "outputs/align"
+
+
+def align(args: AlignArgs) -> int:
+    from fvl import resources
+    from fvl.eval.align import alignment_curves, parse_variant, write_curves
+
+    model = args.target.load_model()
+    variants = args.align.variant or [
+        str(resources.find("experiments", f"fusion/{n}.yaml")) for n in ALIGN_VARIANTS
+    ]
+    curves = alignment_curves(model, [parse_variant(v) for v in variants], args.align)
+    csv_path, png_path = write_curves(curves, args.out)
+    for label, losses in curves.items():
+        print(f"{label:>16}: loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    print(f"wrote {png_path} and {csv_path}; MLflow run {args.target.log('align', [csv_path, png_path])}")
+    return 0
+
+
+@dataclass
+class PCAArgs:
+    """PCA of each named vision feature of an image, first three components as RGB (the paper's Fig. 3).
+
+    out: output folder (pca.png, pca.csv).
+    """
+
+    target: AnalysisTarget = field(default_factory=AnalysisTarget)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    out: str = "outputs/pca"
+
+
+def pca(args: PCAArgs) -> int:
+    from PIL import Image
+
+    from fvl.data.synthetic import generate
+    from fvl.eval.pca import pca_panels, write_pca
+
+    model = args.target.load_model()
+    c = args.pca
+    size = model.vision.image_size
+    image = (
+        Image.open(c.image).convert("RGB") if c.image else generate(c.index, "test", image_size=size).image
+    )
+    panels = pca_panels(model, image, c.feature or None, c.threshold)
+    png, csv_path = write_pca(image, panels, args.out)
+    print(
+        f"wrote {png} ({len(panels)} panels) and {csv_path}; MLflow run {args.target.log('pca', [png, csv_path])}"
+    )
+    return 0
+
+
+# ---- benchmarks and notebooks ------------------------------------------------------------------------------
+@dataclass
+class BenchArgs:
+    """Benchmarks with the machine and date (figures, never asserted in tests).
+
+    which: loader (decode + preprocess throughput at 768 px) and / or finetune-step (the 3B finetune step).
+    samples: images for the loader benchmark.
+    tiny: run finetune-step on the tiny preset (a CPU smoke test of the GPU check).
+    """
+
+    which: list[str] = field(
+        default_factory=lambda: ["loader"],
+        metadata={"positional": True, "choices": ("loader", "finetune-step")},
+    )
+    samples: int = 256
+    tiny: bool = False
+
+
+def bench(args: BenchArgs) -> int:
+    from fvl.bench import run
+
+    run(args.which, args.samples, args.tiny)
+    return 0
+
+
+@dataclass
+class NotebooksArgs:
+    """Execute notebooks top to bottom in fresh kernels; executed copies go to --out.
+
+    notebooks: notebook files (default: the shipped ones).
+    out: folder for the executed copies.
+    """
+
+    notebooks: list[str] = field(default_factory=list, metadata=_POS)
+    out: str = "outputs/notebooks"
+
+
+def notebooks(args: NotebooksArgs) -> int:
+    from fvl.eval.notebooks import execute, shipped_notebooks
+
+    for nb in args.notebooks or [str(p) for p in shipped_notebooks()]:
+        print(f"executed {nb} -> {execute(nb, args.out)}")
+    return 0

@@ -1,0 +1,41 @@
+"""Models for inference from whatever a user points at: a checkpoint file, a run folder or ``latest``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fvl.models.checkpoint import load_checkpoint
+from fvl.models.florence_vl import FlorenceVL
+from fvl.runs import RunDir, resolve_weights
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Model weights from a safetensors file (strict) or a Lightning ``.ckpt`` (``weights_only``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_model
+
+        load_model(model, str(path), strict=True)
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict(
+        {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}, strict=True
+    )
+
+
+def load_for_inference(spec: str | Path, output_dir: str | Path = "runs") -> FlorenceVL:
+    """The model of ``spec`` (a weights file, a run folder or ``latest``), in eval mode. Safetensors carry
+    their config; a ``.ckpt`` (a sharded run's) is rebuilt from its run's ``config.yaml``."""
+    path = resolve_weights(spec, output_dir)
+    if path.suffix == ".safetensors":
+        return load_checkpoint(path).eval()
+    run = RunDir.of(path)
+    if run is None:
+        raise FileNotFoundError(f"{path}: a .ckpt needs its run folder's config.yaml")
+    from fvl.models import build_model
+
+    model = build_model(run.config().model)
+    load_model_weights(model, path)
+    return model.eval()

@@ -1,0 +1,75 @@
+"""The processor: what turns conversations and images into model inputs, built from ``cfg.model`` alone.
+
+It holds the LLM tokenizer (with the image placeholder), the chat template, the vision tower's image
+transform and the number of LLM tokens per image. ``build_processor(cfg.model)`` makes one without building
+the model (the tower class and the fusion class answer from the config), so the data side never needs the
+model object; the model exposes the same thing as ``model.processor``, and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from fvl.data.collate import Sample
+from fvl.models.config import ModelConfig
+from fvl.models.fusion import FUSIONS
+from fvl.models.llm import build_tokenizer
+from fvl.models.vision import VISION_TOWERS
+from fvl.models.vision.transform import ImageTransform
+from fvl.text import ChatTemplate, get_template
+
+
+@dataclass
+class Processor:
+    """Conversation + images -> ``Sample`` (token ids, exact labels, image tensors); picklable for workers.
+
+    tokenizer: the LLM tokenizer with ``image_token`` / ``image_token_id``.
+    template: the chat template that builds ids and labels turn by turn.
+    transform: PIL image -> ``[3, S, S]`` tensor for the vision tower (its resize mode included).
+    image_tokens: LLM tokens per image after fusion (each placeholder expands to this many ids).
+    max_length: longest tokenized sample (truncation keeps every image whole).
+    """
+
+    tokenizer: Any
+    template: ChatTemplate
+    transform: ImageTransform
+    image_tokens: int
+    max_length: int | None = None
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def with_resize_mode(self, mode: str) -> Processor:
+        return dataclasses.replace(self, transform=self.transform.with_mode(mode))
+
+    def __call__(
+        self, conversations: list[dict], images: Sequence[Image.Image], sample_id: str = ""
+    ) -> Sample:
+        t = self.template.tokenize(
+            conversations, self.tokenizer, self.image_tokens, self.max_length, num_images=len(images)
+        )
+        return Sample(t.input_ids, t.labels, [self.transform(im) for im in images], sample_id)
+
+
+def image_tokens_for(cfg: ModelConfig) -> int:
+    """LLM tokens per image for ``cfg``, from the tower's and the fusion's classes (nothing is built)."""
+    tower = VISION_TOWERS.get(cfg.vision.name)
+    return FUSIONS.get(cfg.fusion.name).tokens_for(len(cfg.fusion.features), tower.tokens_for(cfg.vision))
+
+
+def build_processor(cfg: ModelConfig, resize_mode: str = "pad") -> Processor:
+    """The processor of a model config, without building the model."""
+    tower = VISION_TOWERS.get(cfg.vision.name)
+    return Processor(
+        build_tokenizer(cfg.llm, cfg.text),
+        get_template(cfg.text.template),
+        tower.transform_for(cfg.vision, resize_mode),
+        image_tokens_for(cfg),
+        cfg.text.max_length,
+    )

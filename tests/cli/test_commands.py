@@ -1,0 +1,104 @@
+"""Presets, offline tiny assets, arch validation and the command line."""
+
+import filecmp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fvl.cli import main
+from fvl.models import build_model
+from tests.fixtures import TINY_LLAMA, stage_trainable, tiny_cfg
+
+
+def test_tiny_tokenizers_are_deterministic(tmp_path, monkeypatch):
+    from fvl.models import tiny_assets
+
+    dirs = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("FVL_CACHE", str(tmp_path / name))
+        dirs.append(tiny_assets.tiny_tokenizer_dirs())
+    for left, right in zip(*dirs, strict=True):
+        assert filecmp.cmp(left / "tokenizer.json", right / "tokenizer.json", shallow=False)
+
+
+def test_tiny_training_step_is_fast_enough_to_learn_on_a_cpu():
+    """Sanity, not a benchmark: the tiny preset is the 400k-parameter set-up of the measured facts."""
+    from fvl.models import set_trainable
+
+    model = build_model(tiny_cfg())
+    counts = set_trainable(model, stage_trainable("pretrain"))
+    total = sum(c["trainable"] for c in counts.values())
+    assert 300_000 < total < 1_000_000
+    assert model.num_image_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "replace, match",
+    [
+        ({"llm_arch": {**TINY_LLAMA, "hiden_size": 8}}, r"unknown keys for LlamaConfig: \['hiden_size'\]"),
+        ({"llm_arch": {**TINY_LLAMA, "model_type": "llamaa"}}, "not a transformers architecture"),
+        ({"vision_arch": {"vision_config": {"depth": [1]}}}, "unknown keys for Florence2VisionConfig"),
+    ],
+)
+def test_random_init_arch_typos_fail(replace, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(tiny_cfg(**replace))
+
+
+def test_cli_info(capsys):
+    assert main(["info", "tiny", "model.fusion.name=token_concat", "--stage", "finetune"]) == 0
+    out = capsys.readouterr().out
+    assert "-> 64 LLM tokens/image" in out and "vision" in out
+
+
+def test_cli_help():
+    res = subprocess.run([sys.executable, "-m", "fvl.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "export" in res.stdout
+
+
+def test_real_size_presets_build_lazily_with_random_init():
+    """The 3B preset at real size, random init, on the meta device: the counts of the paper's model."""
+    from fvl.config import load
+
+    cfg = load("florence_vl_3b", ["model.vision.init=random", "model.llm.init=random"]).model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert model.vision.num_tokens == 576 and model.num_image_tokens == 576
+    assert model.fusion.output_dim == 4096 and model.hidden_size == 3072
+    davit = sum(p.numel() for p in model.vision.davit.parameters())
+    assert abs(davit - 360.6e6) / 360.6e6 < 0.01  # Florence-2-large DaViT: 360.6M
+    llm = sum(p.numel() for p in model.llm.parameters())
+    assert abs(llm - 3.82e9) / 3.82e9 < 0.01  # Phi-3.5-mini
+
+
+def test_cli_errors_are_one_line_and_v_shows_the_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fvl", "train", str(tmp_path / "nope.yaml")], capture_output=True,
+                         text=True, cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"fvl train: error: config file not found: {tmp_path / 'nope.yaml'} (-v for the traceback)"
+    ]
+    res = subprocess.run([sys.executable, "-m", "fvl", "-v", "train", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert res.returncode != 0 and "Traceback" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "fvl", "trian"], capture_output=True, text=True)
+    assert res.returncode == 2 and "commands:" in res.stderr
+
+
+def test_every_command_has_a_generated_parser_with_help():
+    from fvl.cli import COMMANDS
+    from fvl.cli.args import build_parser, field_docs
+
+    for name, (cls, _func) in COMMANDS.items():
+        text = build_parser(cls, f"fvl {name}").format_help()
+        assert cls.__doc__.split("\n")[0].rstrip(".")[:30] in " ".join(text.split())
+        assert field_docs(cls), name
+
+
+@pytest.mark.slow
+def test_bench_finetune_step_smoke_on_the_tiny_preset(capsys):
+    assert main(["bench", "finetune-step", "--tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune step (tiny" in out and "ms/step" in out

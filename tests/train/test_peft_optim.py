@@ -1,0 +1,106 @@
+"""LoRA, QLoRA (4-bit NF4 base) and 8-bit AdamW on CPU, through the same module the Trainer uses."""
+
+import pytest
+import torch
+
+from fvl.config import load
+from fvl.data.collate import Sample, collate
+from fvl.train.module import build_module
+from fvl.train.optim import build_scheduler, parameter_groups
+from tests.fixtures import EXPERIMENTS
+
+
+def batch_for(model):
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    t = model.template.tokenize(conv, model.tokenizer, model.num_image_tokens)
+    return collate(
+        [Sample(t.input_ids, t.labels, [torch.randn(3, 64, 64)])] * 2, model.tokenizer.pad_token_id
+    )
+
+
+def one_step(module):
+    opt = module.configure_optimizers()["optimizer"]
+    batch = batch_for(module.model)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    module.model(batch).loss.backward()
+    opt.step()
+    return before
+
+
+def test_lora_trains_only_adapters_and_projector():
+    cfg = load(
+        EXPERIMENTS / "finetune.yaml",
+        ["train.lora.enabled=true", "train.lora.r=4", "init_from=", "train.warmup_ratio=0"],
+    )
+    module = build_module(cfg)
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("projector.") or "lora_" in n for n in trainable)
+    assert any("lora_" in n for n in trainable)
+    before = one_step(module)
+    moved = [n for n, p in module.model.named_parameters() if n in before and not torch.equal(before[n], p)]
+    assert any("lora_B" in n for n in moved) and any(n.startswith("projector.") for n in moved)
+    assert module.model.generate([torch.randn(3, 64, 64)], ["What colour?"], max_new_tokens=2)
+
+
+def test_qlora_on_a_4bit_nf4_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from fvl.models import build_model
+
+    llm_dir = tmp_path / "llm"
+    tiny = build_model(load("tiny").model)
+    tiny.llm.save_pretrained(llm_dir)
+    tiny.tokenizer.save_pretrained(llm_dir)
+    cfg = load(
+        EXPERIMENTS / "finetune.yaml",
+        [
+            "init_from=",
+            "train.warmup_ratio=0",
+            "model.llm.init=pretrained",
+            f"model.llm.path={llm_dir}",
+            "model.llm.quantization=nf4",
+            "train.lora.enabled=true",
+        ],
+    )
+    module = build_module(cfg)
+    assert getattr(module.model.llm, "is_loaded_in_4bit", False) or any(
+        type(m).__name__ == "Linear4bit" for m in module.model.llm.modules()
+    )
+    before = one_step(module)
+    assert any(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if "lora_B" in n)
+
+
+def test_adamw_8bit_step():
+    pytest.importorskip("bitsandbytes")
+    cfg = load(EXPERIMENTS / "pretrain.yaml", ["train.optimizer=adamw_8bit", "train.warmup_ratio=0"])
+    module = build_module(cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    assert type(opt).__name__ == "AdamW8bit"
+    before = one_step(module)
+    assert sum(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if n in before) > 0
+
+
+def test_parameter_groups_vision_lr_and_no_decay():
+    cfg = load(EXPERIMENTS / "pretrain.yaml", ["train.vision_lr=1e-5", "train.weight_decay=0.1"])
+    module = build_module(cfg)
+    groups = {g["name"]: g for g in parameter_groups(module.model, cfg.train)}
+    assert groups["vision"]["lr"] == 1e-5 and groups["main"]["lr"] == cfg.train.lr
+    assert groups["main_no_decay"]["weight_decay"] == 0.0 and groups["main"]["weight_decay"] == 0.1
+    n_params = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n_params == sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = load(EXPERIMENTS / "pretrain.yaml", ["trainer.max_steps=100", "train.warmup_ratio=0.1"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg.train, cfg.trainer.max_steps)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert (
+        lrs[0] == 0
+        and lrs[10] == pytest.approx(1.0)
+        and lrs[55] == pytest.approx(0.5, abs=0.02)
+        and lrs[-1] < 0.01
+    )

@@ -1,0 +1,209 @@
+"""Real Trainer runs on the tiny preset: both stages lower the loss, MLflow read back, resume, DDP, sweeps."""
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fvl.config import ConfigError, as_experiment, load
+from fvl.train.run import train
+from fvl.train.sweep import run_sweep
+from tests.fixtures import EXPERIMENTS, synthetic_recipe
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    synthetic_recipe(root / "recipe.yaml", captions=200, qa=200, per_shard=50)
+    return {
+        "root": root,
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+        "overrides": [
+            f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"output_dir={root / 'runs'}",
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "data.batch_size=8", "train.global_batch_size=8",
+            "data.val_samples=16", "data.num_workers=0", "trainer.progress=false", "train.log_every_n_steps=1",
+        ],
+    }  # fmt: skip
+
+
+def cfg_for(env, stage_file, *extra):
+    return load(EXPERIMENTS / stage_file, [*env["overrides"], *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(env):
+    return train(
+        cfg_for(
+            env,
+            "pretrain.yaml",
+            "trainer.max_steps=40",
+            "train.lr=1e-3",
+            "train.val_every_n_steps=20",
+            "train.checkpoint_every_n_steps=20",
+        )
+    )
+
+
+@pytest.mark.slow
+def test_pretrain_lowers_the_loss_and_is_tracked(env, pretrain_run):
+    r = pretrain_run
+    assert r.steps == 40 and r.last_loss < r.first_loss
+    assert r.best_checkpoint.exists() and r.checkpoint.exists()
+    client = MlflowClient(env["uri"])
+    run = client.get_run(r.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.fusion.name"] == "dbfusion" and run.data.params["stage.name"] == "pretrain"
+    assert int(run.data.params["params.vision.trainable"]) > 0  # Florence-2 trains in stage 1
+    tags = run.data.tags
+    assert tags["stage"] == "pretrain" and tags["model"] == "tiny" and tags["fusion"] == "dbfusion"
+    assert tags["recipe"] == "recipe" and len(tags["git_commit"]) >= 7
+    assert tags["checkpoint_path"] == str(r.best_checkpoint.resolve())
+    history = client.get_metric_history(r.mlflow_run_id, "train/loss")
+    assert len(history) >= 30
+    for metric in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s", "val/loss"):
+        assert client.get_metric_history(r.mlflow_run_id, metric), metric
+    artifacts = [a.path for a in client.list_artifacts(r.mlflow_run_id)]
+    assert "config.yaml" in artifacts
+    local = mlflow.artifacts.download_artifacts(
+        run_id=r.mlflow_run_id, artifact_path="config.yaml", tracking_uri=env["uri"]
+    )
+    assert load(local).model.text.template == "plain"
+
+
+@pytest.mark.slow
+def test_finetune_from_pretrain_lowers_the_loss_and_records_its_origin(env, pretrain_run):
+    from fvl.train.checkpointing import resolve_init
+
+    by_run_id = resolve_init(f"mlflow:{pretrain_run.mlflow_run_id}", "unused", tracking=env["uri"])
+    assert by_run_id == (pretrain_run.best_checkpoint.resolve(), pretrain_run.mlflow_run_id)
+    assert resolve_init("latest", str(env["root"] / "runs"), "pretrain")[0] == pretrain_run.best_checkpoint
+    by_folder = resolve_init(str(pretrain_run.run_dir), "unused")
+    assert by_folder == (pretrain_run.best_checkpoint, pretrain_run.mlflow_run_id)
+    steps = ["trainer.max_steps=30", "train.lr=1e-3", "train.val_every_n_steps=0"]
+    r = train(cfg_for(env, "finetune.yaml", *steps, f"init_from=mlflow:{pretrain_run.mlflow_run_id}"))
+    assert r.last_loss < r.first_loss
+    run = MlflowClient(env["uri"]).get_run(r.mlflow_run_id)
+    assert run.data.tags["init_run_id"] == pretrain_run.mlflow_run_id
+    assert run.data.tags["stage"] == "finetune" and int(run.data.params["params.vision.trainable"]) == 0
+    # the finetune started from the pretrain weights: its LLM embeddings moved only since then
+    from safetensors.torch import load_file
+
+    pre = load_file(str(pretrain_run.best_checkpoint))
+    post = load_file(str(r.checkpoint))
+    assert torch.equal(
+        pre["vision.davit.convs.0.conv.weight"], post["vision.davit.convs.0.conv.weight"]
+    )  # frozen
+    assert not torch.equal(pre["projector.0.weight"], post["projector.0.weight"])
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class _LRs(L.Callback):
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_end(self, trainer, *args):
+        self.by_step[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_same_step_and_lr(env):
+    base = ["trainer.max_steps=8", "train.warmup_ratio=0.25", "data.val_samples=0", "name=resume"]
+    straight = _LRs()
+    train(cfg_for(env, "pretrain.yaml", *base, "name=straight"), callbacks=[straight])
+    first = train(cfg_for(env, "pretrain.yaml", *base), callbacks=[_StopAt(4)])
+    assert first.steps == 4
+    ckpt = torch.load(first.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    resumed_lrs = _LRs()
+    second = train(cfg_for(env, "pretrain.yaml", *base, "resume=last"), callbacks=[resumed_lrs])
+    assert (
+        second.steps == 8 and second.run_dir == first.run_dir and second.mlflow_run_id == first.mlflow_run_id
+    )
+    assert min(resumed_lrs.by_step) == 5  # continued after step 4, not from 0
+    for step, lr in resumed_lrs.by_step.items():
+        assert lr == pytest.approx(straight.by_step[step])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(env):
+    cmd = [
+        sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "pretrain.yaml"), *env["overrides"],
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "train.global_batch_size=16",
+        "trainer.max_steps=3", "data.val_samples=8", "name=ddp",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=env["root"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (env["root"] / "runs").glob("ddp-pretrain-*/run.json")]
+    assert len(runs) == 1 and runs[0]["steps"] == 3
+    run = MlflowClient(env["uri"]).get_run(runs[0]["mlflow_run_id"])
+    assert run.data.tags["grad_accumulation"] == "1"  # 16 = 8 per device x 2 processes
+
+
+@pytest.mark.slow
+def test_sweep_of_two_runs_lands_two_tagged_runs_and_survives_a_failure(env, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    exp = EXPERIMENTS
+    sweep.write_text(
+        f"sweep: mini\nstages: [{exp / 'pretrain.yaml'}]\noverrides: [trainer.max_steps=2, data.val_samples=0]\n"
+        f"grid:\n  fusion: [{exp / 'fusion' / 'avg_pool.yaml'}, {exp / 'fusion' / 'davit_only.yaml'}]\n  train.lr: [1e-3, -1]\n"
+    )
+    runs = run_sweep(sweep, env["overrides"])
+    assert [r.status for r in runs] == [
+        "ok",
+        "failed",
+        "ok",
+        "failed",
+    ]  # lr=-1 is invalid: reported, not fatal
+    client = MlflowClient(env["uri"])
+    found = client.search_runs(client.get_experiment_by_name("fvl").experiment_id, "tags.sweep = 'mini'")
+    assert sorted(r.data.tags["fusion"] for r in found) == ["avg_pool", "single_layer"]
+    assert sorted(r.data.tags["axis_fusion"] for r in found) == ["avg_pool", "davit_only"]
+    assert {r.data.tags["axis_train_lr"] for r in found} == {"0.001"}
+
+
+def test_gradient_accumulation_from_global_batch():
+    cfg = as_experiment(load("pretrain", ["train.global_batch_size=256", "data.batch_size=8"]))
+    assert cfg.gradient_accumulation(4) == 8
+    cfg.train.global_batch_size = 100
+    with pytest.raises(ValueError, match="not a multiple"):
+        cfg.gradient_accumulation(4)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.global_batch_size=20", "data.batch_size=8"], "global_batch_size=20 is not a multiple"),
+        (["model.llm.quantization=nf4"], "model.llm.init=pretrained"),
+        (["stage=warmup"], "stage='warmup'"),
+        (["train.optimizer=sgd"], "train.optimizer"),
+        (["train.lr=fast"], "train.lr"),
+    ],
+)
+def test_training_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load(EXPERIMENTS / "pretrain.yaml", overrides)
+
+
+def test_fsdp_wraps_the_repeated_layers():
+    from fvl.models import build_model
+    from fvl.train.strategy import build_strategy
+
+    model = build_model(load("tiny").model)
+    names = {c.__name__ for c in model.fsdp_wrap_classes()}
+    assert {"Phi3DecoderLayer", "Florence2VisionBlock", "BartEncoderLayer"} <= names
+    strategy = build_strategy("fsdp", model, gradient_checkpointing=True)
+    assert type(strategy).__name__ == "FSDPStrategy"
+    assert build_strategy("ddp", model) == "ddp"
