@@ -58,7 +58,7 @@ eval: $(STAMP)
 
 # Opt-in (about 8 minutes): the default pretrain + finetune must score colour and shape >= 2x chance.
 learning-check: $(STAMP)
-	FVL_LEARNING_TEST=1 $(PY) -m pytest -q tests/test_learning.py
+	FVL_LEARNING_TEST=1 $(PY) -m pytest -q tests/train/test_learning.py
 
 notebooks: $(STAMP)
 	$(VENV)/bin/fvl notebooks

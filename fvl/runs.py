@@ -17,6 +17,8 @@ import datetime as dt
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,24 +52,31 @@ class RunDir:
     def create(cls, output_dir: str | Path, name: str, stage: str) -> RunDir:
         """A new folder ``<output_dir>/<name>-<stage>-<time>`` whose ``run.json`` records the three.
 
-        Only the process that starts a run creates it. It exports the folder as ``$FVL_RUN_DIR`` so that the
-        processes a launcher starts from it (Lightning's DDP / FSDP ranks) join the same folder; ``end()``
-        withdraws it when the run is over."""
-        shared = os.environ.get(RUN_DIR_ENV)
-        if shared:
-            return cls(Path(shared))
+        Only global rank 0 creates it. A process started by a launcher inside a run (Lightning's DDP / FSDP
+        ranks inherit ``$FVL_RUN_DIR``, see ``shared``) joins that run's folder instead."""
+        joined = os.environ.get(RUN_DIR_ENV)
+        if joined:
+            return cls(Path(joined))
         started = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run = cls(Path(output_dir) / f"{name}-{stage}-{started}")
         if is_rank_zero():
             run.path.mkdir(parents=True, exist_ok=True)
             run.write_info({"name": name, "stage": stage, "started": started})
-            os.environ[RUN_DIR_ENV] = str(run.path)
         return run
 
-    @staticmethod
-    def end() -> None:
-        """The run started by this process is over: a later ``create`` makes a new folder."""
-        os.environ.pop(RUN_DIR_ENV, None)
+    @contextmanager
+    def shared(self) -> Iterator[RunDir]:
+        """Export this folder as ``$FVL_RUN_DIR`` while the run lasts, so that the ranks a launcher starts
+        from this process create no folders of their own."""
+        previous = os.environ.get(RUN_DIR_ENV)
+        os.environ[RUN_DIR_ENV] = str(self.path)
+        try:
+            yield self
+        finally:
+            if previous is None:
+                os.environ.pop(RUN_DIR_ENV, None)
+            else:
+                os.environ[RUN_DIR_ENV] = previous
 
     @classmethod
     def of(cls, path: str | Path) -> RunDir | None:

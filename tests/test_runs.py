@@ -76,3 +76,13 @@ def test_resolve_weights_file_folder_latest(tmp_path):
         resolve_weights(tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="train one first"):
         resolve_weights("latest", tmp_path / "empty")
+
+
+def test_ranks_started_inside_a_run_join_its_folder(tmp_path, monkeypatch):
+    run = RunDir.create(tmp_path, "tiny", "pretrain")
+    with run.shared():
+        assert RunDir.create(tmp_path, "tiny", "pretrain") == run  # what a launched rank does
+    assert RunDir.create(tmp_path, "tiny", "pretrain") != run  # and after the run, a new folder
+    monkeypatch.setenv("RANK", "1")  # a rank other than 0 never creates a folder of its own
+    other = RunDir.create(tmp_path / "elsewhere", "tiny", "pretrain")
+    assert not other.path.exists()

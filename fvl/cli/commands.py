@@ -161,13 +161,14 @@ class TrainArgs:
 
 def train(args: TrainArgs) -> int:
     from fvl.config import load
+    from fvl.runs import is_rank_zero
     from fvl.tracking import tracking_uri
     from fvl.train.run import print_summary
     from fvl.train.run import train as run_training
 
     cfg = load(args.config, args.overrides)
     result = run_training(cfg)
-    if result.info.get("finished"):  # global rank zero
+    if is_rank_zero():
         print_summary(result, tracking_uri(cfg.tracking))
     return 0
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from fvl.config import ExperimentConfig, as_experiment, to_yaml
 from fvl.data.datamodule import FVLDataModule
 from fvl.models.checkpoint import save_checkpoint
-from fvl.runs import RunDir, is_rank_zero
+from fvl.runs import is_rank_zero
 from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start
 from fvl.train.module import FVLModule, build_module
 from fvl.train.strategy import build_strategy
@@ -51,10 +51,8 @@ def train(cfg: DictConfig | ExperimentConfig, callbacks: list[L.Callback] | None
     exp = as_experiment(cfg)
     L.seed_everything(exp.seed, workers=True)
     start = resolve_start(exp)
-    try:
+    with start.run.shared():
         return _run(cfg, exp, start, callbacks or [])
-    finally:
-        RunDir.end()
 
 
 def _run(
