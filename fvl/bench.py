@@ -2,12 +2,15 @@
 
 ``fvl bench loader``: decode + preprocess throughput of the shard reader at Florence-2's 768 px, images per
 second for 1 and 2 DataLoader workers, measured side by side in one run.
-``fvl bench finetune-step``: the training issue's GPU check (``--tiny`` smoke-tests it on a CPU).
+``fvl bench step``: one training step of the shipped ``florence_vl_3b_finetune`` configuration at real size
+(random init) on a GPU, with MFU against a bf16 matmul ceiling measured in the same run (``--tiny``
+smoke-tests it on a CPU).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import tempfile
@@ -62,75 +65,156 @@ def bench_loader(
         return results
 
 
-def bench_finetune_step(
-    tiny: bool = False, steps: int = 5, batch: int = 4, text_tokens: int = 512
-) -> dict[str, float]:
-    """One ``florence_vl_3b`` finetune configuration at real size with random init (the training issue's GPU
-    check): bf16 autocast, gradient checkpointing, 8-bit AdamW; median step time and peak memory.
-    ``tiny=True`` runs the same code on the tiny preset (a CPU smoke test of the script)."""
+def matmul_ceiling(device: str, n: int = 8192, iters: int = 10) -> float:
+    """bf16 matmul FLOP/s of an ``n``^3 product on ``device`` (median of ``iters`` after 3 warm-ups): the
+    ceiling MFU is measured against, in the same run."""
     import statistics
 
     import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / statistics.median(_timed(lambda: a @ b, device, iters, warmup=3))
+
+
+def _timed(fn, device: str, iters: int, warmup: int) -> list[float]:
+    """Seconds per call of ``fn`` (CUDA events on a GPU, wall clock elsewhere)."""
+    import torch
+
+    times = []
+    for i in range(warmup + iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1000
+        else:
+            began = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - began
+        if i >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def bench_step(
+    tiny: bool = False, steps: int = 6, warmup: int = 3, text_tokens: int = 512
+) -> dict[str, float]:
+    """The shipped ``florence_vl_3b_finetune`` configuration at real size with random init: its precision
+    (float32 master weights, frozen tower in bf16, bf16 autocast), gradient checkpointing, optimizer,
+    clipping and micro batch; one optimizer step per micro batch. ``tiny=True`` runs the same code on the
+    tiny preset (a CPU smoke test).
+
+    Model FLOPs per step (recompute left out): 6 x trainable parameters x the tokens they see (LLM: every
+    position; projector: image tokens; the input embedding is a lookup and counts nothing), 2 x frozen
+    LLM parameters x tokens, and the vision tower's forward (3x when it trains) counted by torch's
+    FlopCounterMode; with ``attention``: plus 12 x layers x hidden x sequence x tokens, the anchors' count."""
+    import statistics
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from fvl.config import load
     from fvl.data.collate import Sample, collate
     from fvl.train.module import build_module
 
-    exp = "finetune" if tiny else "florence_vl_3b_finetune"
-    overrides = [
-        "init_from=null",
-        "model.llm.gradient_checkpointing=true",
-        "train.optimizer=adamw_8bit",
-        "train.warmup_ratio=0",
-    ]
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    overrides = ["init_from=null", "train.warmup_ratio=0"]
     if not tiny:
-        overrides += ["model.vision.init=random", "model.llm.init=random", "model.llm.dtype=float32"]
-    cfg = load(exp, overrides)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = build_module(cfg).to(device)
+        overrides += ["model.vision.init=random", "model.llm.init=random"]
+    cfg = load("finetune" if tiny else "florence_vl_3b_finetune", overrides)
+    with torch.device(device):  # random init straight on the device
+        module = build_module(cfg)
     module.model.train()
+    model = module.model
     opt = module.configure_optimizers()["optimizer"]
-    m = module.model
-    size = m.vision.image_size
+    autocast = cfg.trainer.precision.startswith("bf16")
+    batch = cfg.data.batch_size
+    size = model.vision.image_size
     conv = [
         {"from": "human", "value": "<image>\n" + "word " * (text_tokens // 2)},
         {"from": "gpt", "value": "word " * (text_tokens // 2)},
     ]
-    t = m.template.tokenize(conv, m.tokenizer, m.num_image_tokens)
+    t = model.template.tokenize(conv, model.tokenizer, model.num_image_tokens)
     samples = [Sample(t.input_ids, t.labels, [torch.randn(3, size, size)]) for _ in range(batch)]
     data = {
-        k: v.to(device) if torch.is_tensor(v) else v
-        for k, v in collate(samples, m.tokenizer.pad_token_id).items()
+        k: v.to(device)
+        for k, v in collate(samples, model.tokenizer.pad_token_id).items()
+        if torch.is_tensor(v)
     }
-    data.pop("ids")
-    times = []
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(steps + 2):
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = m(data).loss
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(data).loss
         loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # warm-up steps excluded
-            times.append(time.perf_counter() - start)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = statistics.median(_timed(step, device, 2 if tiny else steps, 1 if tiny else warmup))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"ms_per_step": 1000 * statistics.median(times), "peak_gib": peak, "tokens": data["input_ids"].shape[1],
-            "batch": batch, "loss": float(loss)}  # fmt: skip
+
+    tokens = data["input_ids"].numel()
+    image_tokens = batch * model.num_image_tokens
+    embedding = model.llm.get_input_embeddings().weight
+
+    def params(module, trainable: bool) -> int:
+        return sum(
+            p.numel() for p in module.parameters() if p.requires_grad == trainable and p is not embedding
+        )
+
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=autocast)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), amp:
+        model.encode_images(data["pixel_values"])
+    vision_forward = counter.get_total_flops() - 2 * params(model.projector, True) * image_tokens
+    vision_trains = model.vision_trainable()
+    flops = (
+        6 * params(model.llm, True) * tokens
+        + 2 * params(model.llm, False) * tokens
+        + 6 * params(model.projector, True) * image_tokens
+        + vision_forward * (3 if vision_trains else 1)
+    )
+    llm_cfg = model.llm.config
+    seq = data["input_ids"].shape[1]
+    attention = 12 * llm_cfg.num_hidden_layers * llm_cfg.hidden_size * seq * tokens
+    ceiling = matmul_ceiling(device, 8192 if device == "cuda" else 512, iters=10 if device == "cuda" else 2)
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "ms_per_step": 1000 * seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_gib": peak,
+        "batch": batch,
+        "seq": seq,
+        "optimizer": cfg.train.optimizer,
+        "precision": cfg.trainer.precision,
+        "model_tflop_per_step": flops / 1e12,
+        "ceiling_tflops": ceiling / 1e12,
+        "mfu": flops / seconds / ceiling,
+        "mfu_with_attention": (flops + attention) / seconds / ceiling,
+    }
 
 
-def run(which: list[str], samples: int = 256, tiny: bool = False) -> None:
+def run(which: list[str], samples: int = 256, tiny: bool = False, json_out: str | None = None) -> None:
     """Run the named benchmarks and print their figures under a line with the date and machine."""
     print(f"# {dt.date.today()} on {machine()}")
-    if "finetune-step" in which:
-        r = bench_finetune_step(tiny=tiny)
+    if "step" in which:
+        r = bench_step(tiny=tiny)
         print(
-            f"finetune step ({'tiny' if tiny else 'florence_vl_3b random init'}, bf16 autocast, gradient checkpointing, "
-            f"8-bit AdamW, batch {r['batch']} x {r['tokens']} tokens): {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib']:.1f} GiB"
+            f"step ({'tiny' if tiny else 'florence_vl_3b_finetune, random init'}) on {r['device']}: "
+            f"{r['precision']}, {r['optimizer']}, batch {r['batch']} x {r['seq']} tokens: {r['ms_per_step']:.1f} ms/step, "
+            f"{r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.1f} GiB, {r['model_tflop_per_step']:.1f} TFLOP/step, "
+            f"MFU {r['mfu']:.1%} ({r['mfu_with_attention']:.1%} counting attention) of a measured "
+            f"{r['ceiling_tflops']:.0f} TFLOP/s bf16 matmul"
         )
+        if json_out:
+            Path(json_out).write_text(json.dumps(r, indent=1))
     if "loader" in which:
         r = bench_loader(samples)
         print(

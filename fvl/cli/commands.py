@@ -368,23 +368,25 @@ def pca(args: PCAArgs) -> int:
 class BenchArgs:
     """Benchmarks with the machine and date (figures, never asserted in tests).
 
-    which: loader (decode + preprocess throughput at 768 px) and / or finetune-step (the 3B finetune step).
+    which: loader (decode + preprocess throughput at 768 px) and / or step (a training step of the shipped
+      3B finetune configuration at real size, with MFU; a GPU check).
     samples: images for the loader benchmark.
-    tiny: run finetune-step on the tiny preset (a CPU smoke test of the GPU check).
+    tiny: run step on the tiny preset (a CPU smoke test of the GPU check).
+    json: write the step figures to this JSON file too.
     """
 
     which: list[str] = field(
-        default_factory=lambda: ["loader"],
-        metadata={"positional": True, "choices": ("loader", "finetune-step")},
+        default_factory=lambda: ["loader"], metadata={"positional": True, "choices": ("loader", "step")}
     )
     samples: int = 256
     tiny: bool = False
+    json: str | None = None
 
 
 def bench(args: BenchArgs) -> int:
     from fvl.bench import run
 
-    run(args.which, args.samples, args.tiny)
+    run(args.which, args.samples, args.tiny, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import webdataset as wds
 from PIL import Image
 
@@ -95,7 +94,8 @@ def process_and_batch(processor: Processor, batch_size: int, drop_last: bool, li
 
 def _batch(samples: list[Sample], pad_token_id: int, skipped: int) -> dict[str, Any]:
     batch = collate(samples, pad_token_id)
-    batch["skipped"] = torch.tensor(skipped)
+    batch["skipped"] = skipped  # plain ints, so that the training step needs no host sync to read them
+    batch["num_tokens"] = int(batch["attention_mask"].sum())
     return batch
 
 

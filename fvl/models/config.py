@@ -53,7 +53,9 @@ class VisionConfig:
     prompts: florence2: the prompts whose encoder outputs become named features (default: the paper's three).
     keep_pooled_token: florence2: keep the mean-pooled token transformers adds (577 tokens at 768 px, not 576).
     layers: clip/siglip: hidden-state indices exposed as features named ``layer_{i}`` (LLaVA-1.5 uses -2).
-    dtype: parameter dtype of the tower.
+    frozen_dtype: storage dtype of the tower's weights while a stage freezes them (``bfloat16`` halves their
+      memory); weights that train are always float32 master weights (see ``set_trainable``), and compute runs
+      in ``trainer.precision`` (``bf16-mixed``: autocast).
     """
 
     name: str = "florence2"
@@ -65,11 +67,11 @@ class VisionConfig:
     prompts: list[PromptConfig] = field(default_factory=_paper_prompts)
     keep_pooled_token: bool = False
     layers: list[int] = field(default_factory=lambda: [-2])
-    dtype: str = "float32"
+    frozen_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_choice(self.init, INITS, "model.vision.init")
-        _check_choice(self.dtype, DTYPES, "model.vision.dtype")
+        _check_choice(self.frozen_dtype, DTYPES, "model.vision.frozen_dtype")
         names = [p.name for p in self.prompts]
         if len(set(names)) != len(names):
             raise ValueError(f"model.vision.prompts: duplicate names {names}")
@@ -131,7 +133,9 @@ class LLMConfig:
     path: local folder of the LLM (e.g. Phi-3.5-mini-instruct).
     arch: random init: transformers config kwargs, with ``model_type`` (e.g. ``phi3``, ``llama``).
       ``vocab_size`` defaults to the tokenizer's size; special token ids always come from the tokenizer.
-    dtype: parameter dtype.
+    frozen_dtype: storage dtype of the LLM's frozen weights (the whole LLM in a stage that freezes it, the base
+      weights under LoRA; the compute dtype of NF4 weights); weights that train are always float32 master
+      weights, and compute runs in ``trainer.precision`` (``bf16-mixed``: autocast).
     attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2``.
     gradient_checkpointing: recompute LLM activations in backward to save memory.
     quantization: ``none`` | ``nf4``: load the pretrained LLM's linear layers in 4-bit NF4 (bitsandbytes) -
@@ -141,7 +145,7 @@ class LLMConfig:
     init: str = "random"
     path: str | None = None
     arch: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
+    frozen_dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     quantization: str = "none"
@@ -153,7 +157,7 @@ class LLMConfig:
             raise ValueError(
                 "model.llm.quantization=nf4 quantizes pretrained weights: set model.llm.init=pretrained"
             )
-        _check_choice(self.dtype, DTYPES, "model.llm.dtype")
+        _check_choice(self.frozen_dtype, DTYPES, "model.llm.frozen_dtype")
         if self.init == "random" and "model_type" not in self.arch and self.arch:
             raise ValueError("model.llm.arch needs a model_type (e.g. phi3, llama) for random init")
 

@@ -52,7 +52,6 @@ class FlorenceVL(nn.Module):
         self.template = get_template(cfg.text.template)
         d_llm = self.llm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, self.fusion.output_dim, d_llm)
-        self.projector.to(self.llm.dtype)
         self.image_token_id: int = self.tokenizer.image_token_id
         # What the data side needs, equal to ``build_processor(cfg)`` (which builds no model).
         self.processor = Processor(
@@ -76,8 +75,9 @@ class FlorenceVL(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> ``[B, num_image_tokens, d_llm]``. The tower runs without autograd only when
         none of its parameters train (a frozen tower), never when a stage trains it."""
+        tower_dtype = next(p.dtype for p in self.vision.parameters() if p.is_floating_point())
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
-            features = self.vision.features(pixel_values, self.fusion.names)
+            features = self.vision.features(pixel_values.to(tower_dtype), self.fusion.names)
         fused = self.fusion(features)
         first = next(self.projector.parameters())
         return self.projector(fused.to(first.dtype))

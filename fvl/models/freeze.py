@@ -1,10 +1,16 @@
-"""One place sets what trains, and logs it.
+"""One place sets what trains, keeps it in float32, and logs it.
 
 A stage declares its trainable components (``stage.trainable`` in ``experiments/stages/*.yaml``): stage 1
 trains everything, Florence-2 included (the paper's recipe; the original code wrapped the tower in
 ``no_grad`` and so never trained it), stage 2 the fusion, projector and LLM. Parameters that cannot influence
 the output (e.g. CLIP layers after the selected one, the Florence-2 encoder when no prompt feature is fused)
 are frozen whatever the stage says and reported as ``unused``.
+
+Precision: a parameter that trains is stored in float32 (the optimizer's master weights; bf16 enters only
+through autocast, ``trainer.precision=bf16-mixed``). A frozen one is stored in its component's
+``frozen_dtype`` (``model.vision.frozen_dtype``, ``model.llm.frozen_dtype``; float32 for fusion and projector).
+Updating bf16 weights directly loses most small updates (a bf16 weight of 0.02 moves only by steps of
+~1e-4), which is why the optimizer must never see them.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
+
 from fvl.models.florence_vl import COMPONENTS, FlorenceVL
+from fvl.models.vision.base import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,11 @@ def set_trainable(
     if unknown:
         raise ValueError(f"unknown components {unknown}; known: {', '.join(COMPONENTS)}")
     unused = {f"vision.{n}" for n in model.vision.unused_parameters(model.fusion.names)}
+    frozen_dtype = {c: torch.float32 for c in COMPONENTS}
+    frozen_dtype |= {
+        "vision": DTYPES[model.cfg.vision.frozen_dtype],
+        "llm": DTYPES[model.cfg.llm.frozen_dtype],
+    }
     counts: dict[str, dict[str, int]] = {}
     for component in COMPONENTS:
         c = {"trainable": 0, "frozen": 0, "unused": 0}
@@ -37,6 +51,8 @@ def set_trainable(
             if component == "llm" and llm_adapters_only:
                 train = train and "lora_" in name
             param.requires_grad_(train)
+            if param.is_floating_point():  # 4-bit (NF4) weights are integers: left as they are
+                param.data = param.data.to(torch.float32 if train else frozen_dtype[component])
             key = "unused" if full in unused else "trainable" if train else "frozen"
             c[key] += param.numel()
         counts[component] = c

@@ -29,7 +29,7 @@ def build_tokenizer(cfg: LLMConfig, text: TextConfig) -> PreTrainedTokenizerBase
 
 
 def _build_model(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.frozen_dtype]
     if cfg.init == "pretrained":
         path = require_local_dir(cfg.path, "model.llm.path", "causal LM")
         extra = {}

@@ -7,7 +7,7 @@ Supervised: each assistant answer and its end token; everything else is masked. 
 supervise raises ``SupervisionError``; a malformed conversation raises ``TemplateError``. Generation prompts
 are built by the same code, so training and inference see identical token sequences.
 
-Templates (``../shared/florence-vl.md``): ``plain`` (stage 1: image + caption + newline), ``phi3``, and
+Templates (the authors' formats): ``plain`` (stage 1: image + caption + newline), ``phi3``, and
 ``llama3`` (with one BOS, from the tokenizer, not the original's double BOS).
 """
 

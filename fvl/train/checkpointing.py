@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from fvl.models.checkpoint import save_checkpoint
 from fvl.runs import RunDir, resolve_weights
 from fvl.tracking import tracking_uri
+from fvl.train.strategy import is_sharded
 
 if TYPE_CHECKING:
     from fvl.config import ExperimentConfig
@@ -51,7 +52,7 @@ class FVLCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero and not _sharded(trainer):
+        if trainer.is_global_zero and not is_sharded(trainer.strategy):
             save_checkpoint(
                 trainer.lightning_module.model,
                 Path(filepath).with_suffix(".safetensors"),
@@ -64,11 +65,6 @@ class FVLCheckpoint(ModelCheckpoint):
         sibling = Path(filepath).with_suffix(".safetensors")
         if trainer.is_global_zero and sibling.exists():
             sibling.unlink()
-
-
-def _sharded(trainer) -> bool:
-    name = type(trainer.strategy).__name__.lower()
-    return "fsdp" in name or "deepspeed" in name
 
 
 @dataclass

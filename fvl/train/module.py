@@ -10,7 +10,6 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
 from omegaconf import DictConfig
 
 from fvl.config import ExperimentConfig, as_experiment
@@ -18,6 +17,7 @@ from fvl.models import build_model, load_model_weights, set_trainable
 from fvl.registry import Registry
 from fvl.train.adapters import apply_lora
 from fvl.train.optim import build_optimizer, build_scheduler
+from fvl.train.strategy import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,14 @@ class FVLModule(L.LightningModule):
         }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        skipped = int(batch.get("skipped", 0))
-        self.skipped_total += skipped
+        # Counts arrive as Python ints computed on the loader's side: no host sync per step.
+        self.skipped_total += int(batch.get("skipped", 0))
         loss = self.model(self._model_inputs(batch)).loss
         n = batch["input_ids"].shape[0]
         self._window["samples"] += n
-        self._window["tokens"] += int(batch["attention_mask"].sum())
+        self._window["tokens"] += (
+            batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
@@ -69,13 +71,26 @@ class FVLModule(L.LightningModule):
             self.log("train/tokens_per_s", self._window["tokens"] * world / dt, rank_zero_only=True)
         self._last_time = now
         self._window = {"samples": 0, "tokens": 0}
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"], rank_zero_only=True)
+        # Every parameter group's LR (stage 1's vision LR differs); train/lr is the projector + LLM group's.
+        groups = self.trainer.optimizers[0].param_groups
+        for group in groups:
+            self.log(f"train/lr/{group.get('name', 'group')}", group["lr"], rank_zero_only=True)
+        main = next((g for g in groups if not str(g.get("name", "")).startswith("vision")), groups[0])
+        self.log("train/lr", main["lr"], rank_zero_only=True)
         self.log("train/skipped_samples", float(self.skipped_total), rank_zero_only=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        # The total gradient norm as one device tensor (no sync per parameter). Sharded strategies (FSDP,
+        # DeepSpeed 3) hold a slice of each gradient per rank: their squared sums add up over ranks.
+        squares = [
+            p.grad.detach().float().pow(2).sum() for p in self.model.parameters() if p.grad is not None
+        ]
+        if not squares:
+            return
+        total = torch.stack(squares).sum()
+        if is_sharded(self.trainer.strategy):
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        self.log("train/grad_norm", total.sqrt())
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model(self._model_inputs(batch)).loss

@@ -23,3 +23,9 @@ def build_strategy(name: str, model: FlorenceVL, gradient_checkpointing: bool = 
         state_dict_type="full",
         use_orig_params=True,
     )
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether ``strategy`` shards parameters and gradients over ranks (FSDP, DeepSpeed)."""
+    name = type(strategy).__name__.lower()
+    return "fsdp" in name or "deepspeed" in name

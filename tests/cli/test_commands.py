@@ -98,7 +98,11 @@ def test_every_command_has_a_generated_parser_with_help():
 
 
 @pytest.mark.slow
-def test_bench_finetune_step_smoke_on_the_tiny_preset(capsys):
-    assert main(["bench", "finetune-step", "--tiny"]) == 0
+def test_bench_step_smoke_on_the_tiny_preset(capsys, tmp_path):
+    import json
+
+    assert main(["bench", "step", "--tiny", "--json", str(tmp_path / "step.json")]) == 0
     out = capsys.readouterr().out
-    assert "finetune step (tiny" in out and "ms/step" in out
+    assert "step (tiny)" in out and "ms/step" in out and "MFU" in out
+    r = json.loads((tmp_path / "step.json").read_text())
+    assert r["model_tflop_per_step"] > 0 and 0 < r["mfu"] < r["mfu_with_attention"]

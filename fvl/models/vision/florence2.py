@@ -100,7 +100,7 @@ class Florence2Tower(VisionTower):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        dtype = DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.frozen_dtype]
         if cfg.init == "pretrained":
             path = require_local_dir(cfg.path, "model.vision.path", "Florence-2 (transformers-native format)")
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or path)

@@ -44,7 +44,7 @@ class HFViTTower(VisionTower):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        dtype = DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.frozen_dtype]
         if cfg.init == "pretrained":
             path = require_local_dir(cfg.path, "model.vision.path", self.model_cls.__name__)
             self.model = self.model_cls.from_pretrained(path, dtype=dtype)
