@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	@if nvidia-smi -L 2>/dev/null | grep -q GPU && $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)"; then \
+	  echo "!! nvidia-smi lists a GPU but $(TORCH) installed a CPU-only build: training would run on the CPU."; \
+	  echo "!! Remove $(VENV) and run again with TORCH set to a CUDA build of torch for this machine."; fi
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,notebooks]"
 	@touch $(STAMP)
 

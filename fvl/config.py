@@ -217,7 +217,8 @@ def load(
                 cfg = _merge(cfg, layer, f"override {item!r} ({layer_path})")
             continue
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
-    validate(cfg, sources[-1] if sources else "config")
+    where = sources[-1] if sources else "config"
+    validate(cfg, f"{where} with overrides {list(overrides)}" if overrides else where)
     # The schema's derived settings (``ExperimentConfig.__post_init__``) become part of the config itself.
     return OmegaConf.structured(as_experiment(cfg))
 

@@ -94,3 +94,22 @@ def test_missing_pretrained_path_is_a_clear_error():
 
     with pytest.raises(FileNotFoundError, match=r"model\.(llm|vision)\.path is not set"):
         build_model(load("florence_vl_3b").model)
+
+
+def test_image_tokens_must_leave_room_for_text():
+    with pytest.raises(
+        ConfigError, match=r"max_length=2048 leaves no room for text: one image is 2304 tokens"
+    ):
+        load("florence_vl_3b", ["model.fusion.name=token_concat"])
+    # the shipped token_concat variant raises the budget; the paper's 1728 tokens fit the default
+    from fvl.config import resolve_path
+
+    assert (
+        load(
+            "florence_vl_3b", layers=[resolve_path("experiments/fusion/token_concat.yaml")]
+        ).model.text.max_length
+        == 2816
+    )
+    load(
+        "florence_vl_3b", ["model.fusion.name=token_concat", "model.fusion.features=[caption,ocr,grounding]"]
+    )

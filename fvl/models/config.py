@@ -170,12 +170,15 @@ class TextConfig:
     image_token: the placeholder added to the tokenizer; each occurrence in a prompt becomes one image.
     template: ``plain`` (stage 1 captions) | ``phi3`` | ``llama3``.
     max_length: longest tokenized sample; a longer one is truncated only if supervision survives.
+    min_text_tokens: text budget a one-image sample needs beside its image tokens; a config whose image
+      tokens leave less than this under ``max_length`` is an error on load (every sample would be skipped).
     """
 
     tokenizer_path: str | None = None
     image_token: str = "<image>"
     template: str = "phi3"
     max_length: int = 2048
+    min_text_tokens: int = 64
 
     def __post_init__(self) -> None:
         _check_choice(self.template, ("plain", "phi3", "llama3"), "model.text.template")
@@ -196,6 +199,18 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self) -> None:
+        from fvl.models.processor import image_tokens_for  # late: the processor imports this module
+
+        tokens = image_tokens_for(self, strict=False)
+        if tokens is not None and tokens + self.text.min_text_tokens > self.text.max_length:
+            raise ValueError(
+                f"model.text.max_length={self.text.max_length} leaves no room for text: one image is {tokens} "
+                f"tokens (model.fusion.name={self.fusion.name} of {len(self.fusion.features)} features at "
+                f"model.vision.image_size={self.vision.image_size}) and model.text.min_text_tokens="
+                f"{self.text.min_text_tokens}; raise max_length or fuse fewer tokens"
+            )
 
 
 def plain_dict(value: Any) -> dict[str, Any]:

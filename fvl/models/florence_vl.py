@@ -97,7 +97,19 @@ class FlorenceVL(nn.Module):
         if n_images:
             image_embeds = self.encode_images(pixel_values).to(embeds.dtype)
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
+        elif self.training and torch.is_grad_enabled() and self._image_path_trains():
+            # A text-only micro batch still runs the image path, on one blank image weighted by zero (as
+            # LLaVA does): every rank then has the same graph, so DDP finds no unused parameters and FSDP's
+            # collectives stay in step. The loss is unchanged; the image path's gradients are zeros.
+            size = self.vision.image_size
+            blank = embeds.new_zeros(1, 3, size, size, dtype=torch.float32)
+            embeds = embeds + 0.0 * self.encode_images(blank).to(embeds.dtype).sum()
         return embeds
+
+    def _image_path_trains(self) -> bool:
+        return any(
+            p.requires_grad for m in (self.vision, self.fusion, self.projector) for p in m.parameters()
+        )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
         """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally

@@ -57,10 +57,21 @@ class Processor:
         return Sample(t.input_ids, t.labels, [self.transform(im) for im in images], sample_id)
 
 
-def image_tokens_for(cfg: ModelConfig) -> int:
-    """LLM tokens per image for ``cfg``, from the tower's and the fusion's classes (nothing is built)."""
+def image_tokens_for(cfg: ModelConfig, strict: bool = True) -> int | None:
+    """LLM tokens per image for ``cfg``, from the tower's and the fusion's classes (nothing is built).
+    ``strict=False`` (config validation) answers from ``model.vision.arch`` when a pretrained tower's folder
+    cannot be read yet, and None when nothing tells."""
     tower = VISION_TOWERS.get(cfg.vision.name)
-    return FUSIONS.get(cfg.fusion.name).tokens_for(len(cfg.fusion.features), tower.tokens_for(cfg.vision))
+    try:
+        per_feature = tower.tokens_for(cfg.vision)
+    except (OSError, ValueError, TypeError):
+        if strict:
+            raise
+        try:  # building the tower will report what is wrong; here only the count matters
+            per_feature = tower.tokens_for(dataclasses.replace(cfg.vision, init="random", path=None))
+        except (OSError, ValueError, TypeError):
+            return None
+    return FUSIONS.get(cfg.fusion.name).tokens_for(len(cfg.fusion.features), per_feature)
 
 
 def build_processor(cfg: ModelConfig, resize_mode: str = "pad") -> Processor:

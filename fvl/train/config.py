@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+log = logging.getLogger(__name__)
+
 OPTIMIZERS = ("adamw", "adamw_8bit")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 @dataclass
@@ -70,6 +75,13 @@ class TrainConfig:
             raise ValueError("train.global_batch_size must be positive")
         if len(self.betas) != 2:
             raise ValueError("train.betas needs two values")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("train.grad_clip and train.weight_decay must be >= 0")
+        if self.log_every_n_steps <= 0:
+            raise ValueError(f"train.log_every_n_steps={self.log_every_n_steps}: must be positive")
+        for key in ("val_every_n_steps", "checkpoint_every_n_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)}: must be >= 0 (0: only at the end)")
 
 
 @dataclass
@@ -77,9 +89,12 @@ class TrainerConfig:
     """The Lightning Trainer.
 
     max_steps: optimizer steps of the run (also the length of the LR schedule).
-    accelerator: ``auto`` | ``cpu`` | ``gpu``. devices: per node (``auto`` or a count). num_nodes: nodes.
+    accelerator: ``auto`` | ``cpu`` | ``gpu``.
+    devices: devices per node: ``auto`` or a count.
+    num_nodes: nodes.
     strategy: auto, ddp, ddp_spawn, fsdp, deepspeed_stage_2, deepspeed_stage_3 (any Lightning strategy name).
-    precision: ``auto`` (bf16-mixed where the hardware supports it, else 32) or a Lightning precision.
+    precision: ``auto`` (bf16-mixed where the hardware supports it, else 32-true) or a Lightning precision
+      (``bf16-mixed``: autocast over float32 weights; ``32-true``).
     progress: show the Rich progress bar.
     """
 
@@ -94,6 +109,25 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps <= 0:
             raise ValueError("trainer.max_steps must be positive")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(
+                f"trainer.accelerator={self.accelerator!r}: expected one of {', '.join(ACCELERATORS)}"
+            )
+        if self.devices != "auto" and not (self.devices.isdigit() and int(self.devices) > 0):
+            raise ValueError(f"trainer.devices={self.devices!r}: expected auto or a positive count")
+        if self.num_nodes <= 0:
+            raise ValueError("trainer.num_nodes must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        from lightning.pytorch.strategies import (
+            StrategyRegistry,
+        )  # late: config loading stays light otherwise
+
+        known = ["auto", *StrategyRegistry.available_strategies()]
+        if self.strategy not in known:
+            raise ValueError(
+                f"trainer.strategy={self.strategy!r}: expected one of {', '.join(sorted(known))}"
+            )
 
     def resolve_hardware(self) -> tuple[str, int, str]:
         """``(accelerator, devices per node, precision)`` with ``auto`` made concrete, so that the world size
@@ -103,6 +137,13 @@ class TrainerConfig:
         accelerator = self.accelerator
         if accelerator == "auto":
             accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+            if accelerator == "cpu" and torch.version.cuda is None and _gpu_present():
+                log.warning(
+                    "\n!! A GPU is present (nvidia-smi lists one) but this torch %s is a CPU build: training runs on "
+                    "the CPU.\n!! Install a CUDA build of torch (make: TORCH=...) or set trainer.accelerator=cpu "
+                    "to silence this.\n",
+                    torch.__version__,
+                )
         devices = self.devices
         if devices == "auto":
             devices = torch.cuda.device_count() if accelerator == "gpu" else 1
@@ -114,3 +155,17 @@ class TrainerConfig:
     @property
     def world_size(self) -> int:
         return self.resolve_hardware()[1] * self.num_nodes
+
+
+def _gpu_present() -> bool:
+    """Whether ``nvidia-smi`` lists a GPU (for the warning about a CPU-only torch on a GPU machine)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "GPU" in out

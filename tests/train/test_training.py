@@ -190,6 +190,12 @@ def test_gradient_accumulation_from_global_batch():
         (["stage=warmup"], "stage='warmup'"),
         (["train.optimizer=sgd"], "train.optimizer"),
         (["train.lr=fast"], "train.lr"),
+        (["trainer.devices=two"], "trainer.devices='two'"),
+        (["trainer.strategy=fsdpp"], "trainer.strategy='fsdpp'"),
+        (["trainer.precision=bf17"], "trainer.precision"),
+        (["train.val_every_n_steps=-1"], "train.val_every_n_steps=-1"),
+        (["train.checkpoint_every_n_steps=-5"], "train.checkpoint_every_n_steps"),
+        (["train.log_every_n_steps=0"], "train.log_every_n_steps"),
     ],
 )
 def test_training_config_errors(overrides, match):

@@ -1,0 +1,68 @@
+"""Two gloo processes with torch DDP: a text-only micro batch on one rank and images on the other still
+give every rank the same graph (a zero-weighted blank image), so backward and the gradient all-reduce work."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fvl.models import build_model, set_trainable
+from tests.fixtures import stage_trainable, tiny_cfg
+from tests.models.test_trainable import one_batch
+
+
+def _batch(model, text_only: bool):
+    batch = one_batch(model)
+    if not text_only:
+        return batch
+    keep = batch["input_ids"].ne(model.image_token_id).all(dim=1)  # the text-only sample of one_batch
+    return {k: v[keep] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    set_trainable(model, stage_trainable("pretrain"))
+    model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False: strict
+    batch = _batch(model, text_only=rank == 1)
+    assert ("pixel_values" in batch) == (rank == 0)
+    loss = ddp(batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(grads, f"{out}/grads{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_with_a_text_only_rank(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    g0 = torch.load(tmp_path / "grads0.pt", weights_only=True)
+    g1 = torch.load(tmp_path / "grads1.pt", weights_only=True)
+    assert g0.keys() == g1.keys() and any(n.startswith("vision.") for n in g0)
+    for name in g0:  # all-reduced: identical on both ranks, and the vision tower got rank 0's signal
+        assert torch.equal(g0[name], g1[name]), name
+    assert any(g0[n].abs().sum() > 0 for n in g0 if n.startswith("vision."))
+
+
+def test_text_only_batch_in_training_reaches_every_trainable_parameter_with_zero():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    set_trainable(model, stage_trainable("pretrain"))
+    model.train()
+    batch = _batch(model, text_only=True)
+    loss = model(batch).loss
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(batch).loss, loss.detach())  # the blank image changes nothing
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            if name.startswith(("vision.", "projector.")):
+                assert not p.grad.any(), name
