@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -53,13 +55,73 @@ def _atomic_path(path: Path) -> Path:
 def save_checkpoint(
     model: FlorenceVL, path: str | Path, extra_metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write the model's weights and config to one safetensors file, atomically (temp file + rename)."""
+    """Write the model's weights and config to one safetensors file, atomically (temp file + rename).
+
+    A model whose LLM carries LoRA adapters (peft, on a float or a 4-bit NF4 base) is written merged: each
+    adapted weight as base + B A x scale in float32, under the plain model's key names, with a config
+    without quantization. The file then loads like any other checkpoint (``fvl eval``, ``chat``,
+    ``export``, ``init_from``); the training model itself is left untouched."""
     path = Path(path)
     tmp = _atomic_path(path)
-    metadata = {"fvl_format": FORMAT_VERSION, "fvl_config": config_yaml(model.cfg), **(extra_metadata or {})}
-    save_model(model, str(tmp), metadata=metadata)
+    cfg = model.cfg
+    metadata = {"fvl_format": FORMAT_VERSION, **(extra_metadata or {})}
+    if is_lora(model):
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, quantization="none"))
+        metadata["fvl_lora"] = "merged"
+        save_file(_merged_state_dict(model), str(tmp), metadata={**metadata, "fvl_config": config_yaml(cfg)})
+    else:
+        save_model(model, str(tmp), metadata={**metadata, "fvl_config": config_yaml(cfg)})
     os.replace(tmp, path)
     return path
+
+
+def is_lora(model: FlorenceVL) -> bool:
+    return any("lora_" in name for name, _ in model.llm.named_parameters())
+
+
+def _merged_state_dict(model: FlorenceVL) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model that a LoRA model stands for: adapters merged into their bases."""
+    from peft.tuners.lora import LoraLayer
+
+    merged: dict[str, torch.Tensor] = {}
+    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name, module in lora_layers.items():
+        weight = _dense(module.get_base_layer().weight).float()
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                weight = weight + module.get_delta_weight(adapter).float()
+        merged[_plain_key(f"{name}.weight")] = weight
+        bias = module.get_base_layer().bias
+        if bias is not None:
+            merged[_plain_key(f"{name}.bias")] = bias.detach()
+    inside = tuple(f"{n}." for n in lora_layers)
+    for key, value in model.state_dict().items():
+        if not key.startswith(inside) and "lora_" not in key:
+            merged.setdefault(_plain_key(key), value)
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, value in merged.items():
+        value = _dense(value).contiguous().cpu()
+        if value.data_ptr() in storages:  # a tied tensor: safetensors stores each storage once
+            value = value.clone()
+        storages.add(value.data_ptr())
+        out[key] = value
+    return out
+
+
+def _plain_key(key: str) -> str:
+    """peft's names -> the plain model's: ``llm.base_model.model.X`` -> ``llm.X``, ``.base_layer`` dropped."""
+    return key.replace("llm.base_model.model.", "llm.", 1).replace(".base_layer.", ".")
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """A 4-bit (bitsandbytes NF4) weight dequantized; any other tensor as it is."""
+    state = getattr(tensor, "quant_state", None)
+    if state is None:
+        return tensor.detach()
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(tensor.data, state).detach()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

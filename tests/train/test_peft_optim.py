@@ -104,3 +104,54 @@ def test_cosine_schedule_with_warmup():
         and lrs[55] == pytest.approx(0.5, abs=0.02)
         and lrs[-1] < 0.01
     )
+
+
+def _roundtrip(module, tmp_path):
+    """Save the LoRA model, load it back as a plain model, compare logits; then export and init_from."""
+    from fvl.models import export, load_checkpoint, load_exported, save_checkpoint
+    from fvl.models.checkpoint import read_metadata
+
+    model = module.model.eval()
+    batch = batch_for(model)
+    with torch.no_grad():
+        expected = model(batch).logits.float()
+    path = save_checkpoint(model, tmp_path / "lora.safetensors")
+    assert read_metadata(path)["fvl_lora"] == "merged"
+    plain = load_checkpoint(path).eval()  # strict: every key matches the plain model
+    assert not any("lora_" in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(plain(batch).logits.float(), expected, atol=2e-2, rtol=1e-2)
+    exported = load_exported(export(plain, tmp_path / "export")).eval()
+    with torch.no_grad():
+        assert torch.allclose(exported(batch).logits.float(), plain(batch).logits.float(), atol=1e-5)
+    return path
+
+
+def test_lora_checkpoint_loads_as_a_plain_model_exports_and_inits(tmp_path):
+    cfg = load(
+        EXPERIMENTS / "finetune.yaml",
+        ["train.lora.enabled=true", "train.lora.r=4", "init_from=", "train.warmup_ratio=0", "train.lr=1e-2"],
+    )
+    module = build_module(cfg)
+    one_step(module)  # lora_B leaves zero: the merge changes the weights
+    path = _roundtrip(module, tmp_path)
+    again = build_module(cfg, init_weights=str(path))  # init_from a LoRA run, LoRA again on top
+    assert any("lora_" in n for n, p in again.model.named_parameters() if p.requires_grad)
+
+
+def test_qlora_checkpoint_loads_as_a_plain_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from fvl.models import build_model
+
+    llm_dir = tmp_path / "llm"
+    tiny = build_model(load("tiny").model)
+    tiny.llm.save_pretrained(llm_dir)
+    tiny.tokenizer.save_pretrained(llm_dir)
+    cfg = load(
+        EXPERIMENTS / "finetune.yaml",
+        ["init_from=", "train.warmup_ratio=0", "train.lr=1e-2", "model.llm.init=pretrained",
+         f"model.llm.path={llm_dir}", "model.llm.quantization=nf4", "train.lora.enabled=true"],
+    )  # fmt: skip
+    module = build_module(cfg)
+    one_step(module)
+    _roundtrip(module, tmp_path)
