@@ -1,14 +1,17 @@
-"""Chat templates that tokenise turn by turn, so the supervised tokens are known exactly.
+"""Chat templates with exact label masks, tokenised as the model itself tokenises.
 
-A conversation is rendered as segments of text, each either masked (label -100) or supervised (label =
-its token ids). Each segment is tokenised on its own and the ids are concatenated, so no string search or
-token counting can go wrong (the original's "tokenization mismatch" that silently masked whole samples).
-Supervised: each assistant answer and its end token; everything else is masked. A sample with nothing to
-supervise raises ``SupervisionError``; a malformed conversation raises ``TemplateError``. Generation prompts
-are built by the same code, so training and inference see identical token sequences.
+A conversation is rendered as segments of text, each either masked (label -100) or supervised, joined into
+one string and tokenised in one go (what the model's own chat template does). The supervised tokens are
+those whose characters, by the tokenizer's offset mapping, lie inside a supervised segment; no string
+search or token counting can go wrong (the original's "tokenization mismatch" that silently masked whole
+samples), and a token straddling a boundary is an error with a reason. Supervised: each assistant answer
+and its end token; everything else is masked. A sample with nothing to supervise raises
+``SupervisionError``; a malformed conversation raises ``TemplateError``. Generation prompts are built by the
+same code, so training and inference see identical token sequences.
 
-Templates (the authors' formats): ``plain`` (stage 1: image + caption + newline), ``phi3``, and
-``llama3`` (with one BOS, from the tokenizer, not the original's double BOS).
+Templates (the authors' formats): ``plain`` (stage 1: image + caption + newline), ``phi3`` (ending with the
+tokenizer's EOS, as Phi-3.5's own template does) and ``llama3``. BOS comes from the tokenizer's own
+post-processor in every template: one for Llama 3, not the original's double BOS.
 """
 
 from __future__ import annotations
@@ -81,10 +84,17 @@ def normalize_conversation(conversation: Sequence[Mapping]) -> list[tuple[str, s
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """Text around turns. ``{system}`` and ``{text}`` are filled in; ``bos`` prepends the tokenizer's BOS."""
+    """Text around turns. ``{system}`` and ``{text}`` are filled in.
+
+    A conversation is rendered to one string and tokenised once, exactly as the model's own chat template
+    would be (turn-by-turn tokenisation differs for SentencePiece-style tokenizers: a leading ``▁`` on every
+    answer, a ``▁`` before each newline that the chat tokens strip). The supervised tokens are found from
+    the offset mapping: those inside an answer or its end token. A token that straddles such a boundary is
+    an error (reason ``token_straddles``), never a silent mask. BOS follows the tokenizer's own convention
+    (its post-processor), the same in every template.
+    """
 
     name: str
-    bos: bool
     default_system: str | None
     system: str  # the system block, with {system}
     user: str  # the user block up to and including the assistant header, with {text}
@@ -92,6 +102,7 @@ class ChatTemplate:
     after_answer: str  # masked text after it (separator before the next user turn)
     stop: str | None  # the token generation stops at (None: the tokenizer's EOS)
     images_only_prompt: bool = False  # plain: the user turn contributes its image placeholders only
+    end_with_eos: bool = False  # a training conversation ends with the tokenizer's EOS (masked)
 
     def segments(
         self,
@@ -102,8 +113,6 @@ class ChatTemplate:
         """``[(text, supervised)]`` for the conversation; with ``add_generation_prompt`` the turns end with a
         user turn and the result ends with the assistant header (the prompt to generate from)."""
         segs: list[tuple[str, bool]] = []
-        if self.bos and tokenizer.bos_token:
-            segs.append((tokenizer.bos_token, False))
         system = self.default_system
         if turns and turns[0][0] == "system":
             system, turns = turns[0][1], turns[1:]
@@ -121,7 +130,18 @@ class ChatTemplate:
                     segs.append((self.after_answer, False))
         if add_generation_prompt and (not turns or turns[-1][0] != "user"):
             raise TemplateError("a generation prompt must end with a user turn")
+        if self.end_with_eos and not add_generation_prompt and tokenizer.eos_token:
+            segs.append((tokenizer.eos_token, False))
         return segs
+
+    def render(self, segs: Sequence[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans that are supervised."""
+        text, spans = "", []
+        for piece, supervised in segs:
+            if supervised:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        return text, spans
 
     def tokenize(
         self,
@@ -168,24 +188,27 @@ class ChatTemplate:
     def _encode(
         self, segs, tokenizer, image_tokens, max_length, num_images, require_supervision=True
     ) -> Tokenized:
+        if not getattr(tokenizer, "is_fast", False):
+            raise TemplateError("fvl needs a fast tokenizer (offset mappings find the supervised tokens)")
+        text, spans = self.render(segs)
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         image_id = tokenizer.convert_tokens_to_ids(getattr(tokenizer, "image_token", "<image>"))
         input_ids: list[int] = []
         labels: list[int] = []
         n_images = 0
-        for text, supervised in segs:
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-            for tid in ids:
-                if tid == image_id:
-                    if supervised:
-                        raise TemplateError(
-                            "image placeholder inside a supervised segment", "placeholder_mismatch"
-                        )
-                    n_images += 1
-                    input_ids.extend([image_id] * image_tokens)
-                    labels.extend([IGNORE_INDEX] * image_tokens)
-                else:
-                    input_ids.append(tid)
-                    labels.append(tid if supervised else IGNORE_INDEX)
+        for tid, (start, end) in zip(enc.input_ids, enc.offset_mapping, strict=True):
+            supervised = _supervised(text, start, end, spans, tokenizer, tid)
+            if tid == image_id:
+                if supervised:
+                    raise TemplateError(
+                        "image placeholder inside a supervised segment", "placeholder_mismatch"
+                    )
+                n_images += 1
+                input_ids.extend([image_id] * image_tokens)
+                labels.extend([IGNORE_INDEX] * image_tokens)
+            else:
+                input_ids.append(tid)
+                labels.append(tid if supervised else IGNORE_INDEX)
         if num_images is not None and n_images != num_images:
             raise TemplateError(
                 f"{n_images} image placeholders for {num_images} images", "placeholder_mismatch"
@@ -200,19 +223,42 @@ class ChatTemplate:
         return Tokenized(input_ids, labels, n_images)
 
 
+def _supervised(
+    text: str, start: int, end: int, spans: Sequence[tuple[int, int]], tokenizer, token_id: int
+) -> bool:
+    """Whether the token at characters ``start:end`` lies inside a supervised span. Whitespace at its edges
+    does not count (chat tokens that strip the newline after them cover it); a zero-width token (BOS, a
+    prepended ``▁``) belongs where it stands. One that covers both sides of a boundary raises."""
+    piece = text[start:end]
+    core_start = start + len(piece) - len(piece.lstrip())
+    core_end = end - (len(piece) - len(piece.rstrip()))
+    if core_end <= core_start:  # zero-width or whitespace only: where it starts
+        return any(s <= start < e for s, e in spans) and start < len(text)
+    for s, e in spans:
+        if s <= core_start and core_end <= e:
+            return True
+        if core_start < e and core_end > s:
+            raise TemplateError(
+                f"token {tokenizer.convert_ids_to_tokens(token_id)!r} ({text[core_start:core_end]!r}) straddles "
+                "the boundary of an answer: the template's text and the tokenizer's merges disagree",
+                "token_straddles",
+            )
+    return False
+
+
 TEMPLATES: Registry[ChatTemplate] = Registry("chat template")
 _BUILT = {
     "plain": ChatTemplate(
-        name="plain", bos=True, default_system=None, system="", user="{text}",
+        name="plain", default_system=None, system="", user="{text}",
         answer_end="\n", after_answer="", stop=None, images_only_prompt=True,
     ),
     "phi3": ChatTemplate(
-        name="phi3", bos=False, default_system="You are a helpful AI assistant.",
+        name="phi3", default_system="You are a helpful AI assistant.",
         system="<|system|>\n{system}<|end|>\n", user="<|user|>\n{text}<|end|>\n<|assistant|>\n",
-        answer_end="<|end|>", after_answer="\n", stop="<|end|>",
+        answer_end="<|end|>", after_answer="\n", stop="<|end|>", end_with_eos=True,
     ),
     "llama3": ChatTemplate(
-        name="llama3", bos=True,
+        name="llama3",
         default_system=(
             "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
             "helpful, detailed, and polite answers to the user's questions."
