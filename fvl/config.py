@@ -75,6 +75,11 @@ class ExperimentConfig:
             raise ValueError(
                 "model.llm.quantization=nf4 (QLoRA) needs train.lora.enabled=true: 4-bit weights cannot train"
             )
+        if self.train.lora.enabled and self.trainer.strategy == "fsdp":
+            raise ValueError(
+                "train.lora.enabled with trainer.strategy=fsdp is not supported yet (a LoRA checkpoint is merged "
+                "from the unsharded model): use trainer.strategy=ddp"
+            )
         if self.train.global_batch_size % self.data.batch_size:
             raise ValueError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "

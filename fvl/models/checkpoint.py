@@ -53,19 +53,29 @@ def _atomic_path(path: Path) -> Path:
 
 
 def save_checkpoint(
-    model: FlorenceVL, path: str | Path, extra_metadata: dict[str, str] | None = None
+    model: FlorenceVL,
+    path: str | Path,
+    extra_metadata: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's weights and config to one safetensors file, atomically (temp file + rename).
 
     A model whose LLM carries LoRA adapters (peft, on a float or a 4-bit NF4 base) is written merged: each
     adapted weight as base + B A x scale in float32, under the plain model's key names, with a config
     without quantization. The file then loads like any other checkpoint (``fvl eval``, ``chat``,
-    ``export``, ``init_from``); the training model itself is left untouched."""
+    ``export``, ``init_from``); the training model itself is left untouched. ``state_dict`` (a sharded run's
+    gathered full state) is written instead of the model's own tensors."""
     path = Path(path)
     tmp = _atomic_path(path)
     cfg = model.cfg
     metadata = {"fvl_format": FORMAT_VERSION, **(extra_metadata or {})}
-    if is_lora(model):
+    if state_dict is not None:
+        if is_lora(model):
+            raise NotImplementedError("merging LoRA adapters from a sharded run's state is not supported")
+        # Gathered tensors may sit on storages safetensors cannot read directly: write private copies.
+        tensors = {k: _dense(v).detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp), metadata={**metadata, "fvl_config": config_yaml(cfg)})
+    elif is_lora(model):
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, quantization="none"))
         metadata["fvl_lora"] = "merged"
         save_file(_merged_state_dict(model), str(tmp), metadata={**metadata, "fvl_config": config_yaml(cfg)})
@@ -98,11 +108,16 @@ def _merged_state_dict(model: FlorenceVL) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if not key.startswith(inside) and "lora_" not in key:
             merged.setdefault(_plain_key(key), value)
+    return _unshared(merged)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, a tied one copied (safetensors stores each storage once)."""
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for key, value in merged.items():
+    for key, value in tensors.items():
         value = _dense(value).contiguous().cpu()
-        if value.data_ptr() in storages:  # a tied tensor: safetensors stores each storage once
+        if value.data_ptr() in storages:
             value = value.clone()
         storages.add(value.data_ptr())
         out[key] = value

@@ -17,7 +17,7 @@ from fvl.models import build_model, load_model_weights, set_trainable
 from fvl.registry import Registry
 from fvl.train.adapters import apply_lora
 from fvl.train.optim import build_optimizer, build_scheduler
-from fvl.train.strategy import is_sharded
+from fvl.train.strategy import is_sharded, local, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,8 @@ class FVLModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The total gradient norm as one device tensor (no sync per parameter). Sharded strategies (FSDP,
         # DeepSpeed 3) hold a slice of each gradient per rank: their squared sums add up over ranks.
-        squares = [
-            p.grad.detach().float().pow(2).sum() for p in self.model.parameters() if p.grad is not None
-        ]
+        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        squares = [g.detach().float().pow(2).sum() for g in grads]
         if not squares:
             return
         total = torch.stack(squares).sum()
@@ -96,6 +95,13 @@ class FVLModule(L.LightningModule):
         loss = self.model(self._model_inputs(batch)).loss
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy=fsdp`` (Lightning's ModelParallelStrategy), shard the model with FSDP2."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if type(strategy).__name__ == "ModelParallelStrategy" and not getattr(self, "_sharded", False):
+            shard_model(self.model, self.device_mesh["data_parallel"])
+            self._sharded = True
 
     # ---- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -26,7 +26,7 @@ from fvl.models.checkpoint import save_checkpoint
 from fvl.runs import is_rank_zero
 from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start
 from fvl.train.module import FVLModule, build_module
-from fvl.train.strategy import build_strategy
+from fvl.train.strategy import build_strategy, is_sharded
 from fvl.train.tracking import TrackingCallback, make_logger
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def _run(
     result = finish(exp, start, trainer, module, datamodule, losses, seconds)
     tracker.record_result(trainer, result)
     result.info = start.run.info
-    trainer.logger.finalize("success")
+    if trainer.logger:
+        trainer.logger.finalize("success")
     return result
 
 
@@ -136,20 +137,26 @@ def build_trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=build_strategy(cfg.trainer.strategy, module.model, cfg.model.llm.gradient_checkpointing),
+        strategy=build_strategy(cfg.trainer.strategy, cfg.trainer.world_size),
         precision=precision,
         max_steps=cfg.trainer.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=cfg.train.grad_clip or None,
-        logger=make_logger(cfg, run_id=start.run.mlflow_run_id if start.resumed else None),
+        # Only global rank 0 talks to MLflow: ranks that start together (torchrun) must not race to set up
+        # a SQLite store, and the other ranks' metrics are rank 0's anyway.
+        logger=make_logger(cfg, run_id=start.run.mlflow_run_id if start.resumed else None)
+        if is_rank_zero()
+        else False,
         callbacks=callbacks,
         log_every_n_steps=cfg.train.log_every_n_steps,
         val_check_interval=cfg.train.val_every_n_steps * accumulate if periodic_val else None,
         check_val_every_n_epoch=None,
         limit_val_batches=1.0 if periodic_val else 0,
         num_sanity_val_steps=0,
-        plugins=[AtomicCheckpointIO()] if "deepspeed" not in cfg.trainer.strategy else None,
+        plugins=[AtomicCheckpointIO()]
+        if cfg.trainer.strategy not in ("fsdp",) and "deepspeed" not in cfg.trainer.strategy
+        else None,
         use_distributed_sampler=False,  # shards are split by rank and worker in the data pipeline
         enable_progress_bar=cfg.trainer.progress,
         enable_model_summary=False,
@@ -173,16 +180,12 @@ def finish(
         val_loss = float(metrics[0]["val/loss"]) if metrics else None
     run = start.run
     trainer.save_checkpoint(run.ckpt("last"), weights_only=False)
-    if trainer.is_global_zero:
-        save_checkpoint(
-            module.model, run.weights("last"), extra_metadata={"global_step": str(trainer.global_step)}
-        )
-    trainer.strategy.barrier()
+    save_final_weights(trainer, module, run.weights("last"))
     best = run.weights("best")
     first, last = losses.summary()
     return RunResult(
         run_dir=run.path,
-        mlflow_run_id=trainer.logger.run_id,
+        mlflow_run_id=trainer.logger.run_id if trainer.logger else "",
         checkpoint=run.weights("last"),
         best_checkpoint=best if best.exists() else None,
         steps=trainer.global_step,
@@ -192,6 +195,23 @@ def finish(
         val_loss=val_loss,
         info=run.info,
     )
+
+
+def save_final_weights(trainer: L.Trainer, module: FVLModule, path: Path) -> None:
+    """The model's weights as one safetensors file. Under a sharded strategy every rank takes part in
+    gathering the full state (a collective) and rank 0 writes it; otherwise rank 0 writes its own copy."""
+    metadata = {"global_step": str(trainer.global_step)}
+    if is_sharded(trainer.strategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(
+            module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if trainer.is_global_zero:
+            save_checkpoint(module.model, path, extra_metadata=metadata, state_dict=state)
+    elif trainer.is_global_zero:
+        save_checkpoint(module.model, path, extra_metadata=metadata)
+    trainer.strategy.barrier()
 
 
 class LossRecorder(L.Callback):

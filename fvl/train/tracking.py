@@ -68,7 +68,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class TrackingCallback(L.Callback):
     """Owns the run's MLflow record and its ``run.json``, on global rank zero.
 
-    ``on_fit_start``: the run's identity (``run.json``), params (the flattened resolved config, trainable
+    ``setup``: every rank adopts rank 0's run folder. ``on_fit_start``: the run's identity (``run.json``), params (the flattened resolved config, trainable
     counts per component, LLM tokens per image), the config as an artifact and the set-up tags - or, on
     resume, a ``resumed_from`` tag (an MLflow run's params are immutable). ``on_fit_end``: steps and skipped
     samples. ``record_result``: the final checkpoint, validation loss and losses, after the run's last save.
@@ -82,6 +82,13 @@ class TrackingCallback(L.Callback):
     @property
     def run(self) -> RunDir:
         return self.start.run
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Rank 0's folder is the run's: ranks that a launcher such as torchrun started on their own computed
+        # folders of their own (never created); from here on every rank writes into rank 0's.
+        from pathlib import Path
+
+        self.start.run = RunDir(Path(trainer.strategy.broadcast(str(self.start.run.path), src=0)))
 
     def _client(self, trainer: L.Trainer) -> tuple[Any, str]:
         logger: MLFlowLogger = trainer.logger  # type: ignore[assignment]

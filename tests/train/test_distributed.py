@@ -1,5 +1,6 @@
-"""Two gloo processes with torch DDP: a text-only micro batch on one rank and images on the other still
-give every rank the same graph (a zero-weighted blank image), so backward and the gradient all-reduce work."""
+"""Two gloo processes with torch DDP and with FSDP2 (fvl's wrapping): a text-only micro batch on one rank and
+images on the other still give every rank the same graph (a zero-weighted blank image), so backward, the
+gradient all-reduce and FSDP's collectives work."""
 
 import os
 
@@ -21,27 +22,48 @@ def _batch(model, text_only: bool):
     return {k: v[keep] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, sharded: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = build_model(tiny_cfg())
-    set_trainable(model, stage_trainable("pretrain"))
+    model = build_model(tiny_cfg("vision.frozen_dtype=bfloat16", "llm.frozen_dtype=bfloat16"))
+    set_trainable(model, stage_trainable("finetune" if sharded else "pretrain"))
     model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False: strict
     batch = _batch(model, text_only=rank == 1)
     assert ("pixel_values" in batch) == (rank == 0)
-    loss = ddp(batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    if sharded:  # FSDP2 with fvl's units: mixed float32 / bf16 parameters in one unit
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from fvl.train.strategy import local, shard_model
+
+        wrapped = shard_model(model, init_device_mesh("cpu", (world,)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wrapped(batch).loss
+        loss.backward()
+        grads = {n: local(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False: strict
+        ddp(batch).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save(grads, f"{out}/grads{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
+def test_fsdp_with_a_text_only_rank(tmp_path):
+    port = 28500 + os.getpid() % 1000
+    mp.spawn(_worker, args=(2, port, str(tmp_path), True), nprocs=2, join=True)
+    g0 = torch.load(tmp_path / "grads0.pt", weights_only=True)
+    g1 = torch.load(tmp_path / "grads1.pt", weights_only=True)
+    assert g0.keys() == g1.keys() and any(n.startswith("projector.") for n in g0)
+    assert all(g.dtype == torch.float32 for g in g0.values())  # gradients of the float32 master weights
+    assert any(g0[n].abs().sum() > 0 for n in g0 if n.startswith("projector."))  # rank 0's image signal
+
+
+@pytest.mark.slow
 def test_ddp_with_a_text_only_rank(tmp_path):
     port = 29500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, str(tmp_path), False), nprocs=2, join=True)
     g0 = torch.load(tmp_path / "grads0.pt", weights_only=True)
     g1 = torch.load(tmp_path / "grads1.pt", weights_only=True)
     assert g0.keys() == g1.keys() and any(n.startswith("vision.") for n in g0)

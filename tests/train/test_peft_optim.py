@@ -42,7 +42,8 @@ def test_lora_trains_only_adapters_and_projector():
     assert module.model.generate([torch.randn(3, 64, 64)], ["What colour?"], max_new_tokens=2)
 
 
-def test_qlora_on_a_4bit_nf4_base(tmp_path):
+def qlora_module(tmp_path, *extra):
+    """The tiny finetune with its LLM saved to a folder and loaded back in 4-bit NF4, LoRA on top."""
     pytest.importorskip("bitsandbytes")
     from fvl.models import build_model
 
@@ -50,18 +51,13 @@ def test_qlora_on_a_4bit_nf4_base(tmp_path):
     tiny = build_model(load("tiny").model)
     tiny.llm.save_pretrained(llm_dir)
     tiny.tokenizer.save_pretrained(llm_dir)
-    cfg = load(
-        EXPERIMENTS / "finetune.yaml",
-        [
-            "init_from=",
-            "train.warmup_ratio=0",
-            "model.llm.init=pretrained",
-            f"model.llm.path={llm_dir}",
-            "model.llm.quantization=nf4",
-            "train.lora.enabled=true",
-        ],
-    )
-    module = build_module(cfg)
+    overrides = ["init_from=", "train.warmup_ratio=0", "model.llm.init=pretrained", f"model.llm.path={llm_dir}",
+                 "model.llm.quantization=nf4", "train.lora.enabled=true", *extra]  # fmt: skip
+    return build_module(load(EXPERIMENTS / "finetune.yaml", overrides))
+
+
+def test_qlora_on_a_4bit_nf4_base(tmp_path):
+    module = qlora_module(tmp_path)
     assert getattr(module.model.llm, "is_loaded_in_4bit", False) or any(
         type(m).__name__ == "Linear4bit" for m in module.model.llm.modules()
     )
@@ -140,18 +136,6 @@ def test_lora_checkpoint_loads_as_a_plain_model_exports_and_inits(tmp_path):
 
 
 def test_qlora_checkpoint_loads_as_a_plain_model(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    from fvl.models import build_model
-
-    llm_dir = tmp_path / "llm"
-    tiny = build_model(load("tiny").model)
-    tiny.llm.save_pretrained(llm_dir)
-    tiny.tokenizer.save_pretrained(llm_dir)
-    cfg = load(
-        EXPERIMENTS / "finetune.yaml",
-        ["init_from=", "train.warmup_ratio=0", "train.lr=1e-2", "model.llm.init=pretrained",
-         f"model.llm.path={llm_dir}", "model.llm.quantization=nf4", "train.lora.enabled=true"],
-    )  # fmt: skip
-    module = build_module(cfg)
+    module = qlora_module(tmp_path, "train.lr=1e-2")
     one_step(module)
     _roundtrip(module, tmp_path)

@@ -137,12 +137,19 @@ def test_resume_continues_at_the_same_step_and_lr(env):
         assert lr == pytest.approx(straight.by_step[step])
 
 
+REAL_PRECISION = [
+    "trainer.precision=bf16-mixed",
+    "model.vision.frozen_dtype=bfloat16",
+    "model.llm.frozen_dtype=bfloat16",
+]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(env):
     cmd = [
         sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "pretrain.yaml"), *env["overrides"],
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "train.global_batch_size=16",
-        "trainer.max_steps=3", "data.val_samples=8", "name=ddp",
+        "trainer.max_steps=3", "data.val_samples=8", "name=ddp", *REAL_PRECISION,
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=env["root"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -150,6 +157,47 @@ def test_two_process_ddp_on_cpu(env):
     assert len(runs) == 1 and runs[0]["steps"] == 3
     run = MlflowClient(env["uri"]).get_run(runs[0]["mlflow_run_id"])
     assert run.data.tags["grad_accumulation"] == "1"  # 16 = 8 per device x 2 processes
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
+    """FSDP2 over two gloo processes, stage 2 with the real presets' precision (float32 trainable, bf16
+    frozen tower, bf16-mixed): one run folder, sharded periodic checkpoints, one consolidated safetensors
+    that loads strictly, and resume=last continuing the same run."""
+    from safetensors import safe_open
+
+    from fvl.models import load_checkpoint
+
+    base = [
+        sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "finetune.yaml"), *env["overrides"], "init_from=",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp", "data.batch_size=4",
+        "train.global_batch_size=8", "data.val_samples=8", "train.checkpoint_every_n_steps=2", "name=fsdp",
+        *REAL_PRECISION,
+    ]  # fmt: skip
+    res = subprocess.run(
+        [*base, "trainer.max_steps=3"], capture_output=True, text=True, timeout=600, cwd=env["root"]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((env["root"] / "runs").glob("fsdp-finetune-*"))
+    assert len(runs) == 1
+    ckpt = runs[0] / "checkpoints"
+    assert (ckpt / "last.ckpt").is_dir()  # sharded: one file per rank, no full gather every N steps
+    load_checkpoint(ckpt / "last.safetensors")  # strict: every key of the model, nothing else
+    with safe_open(str(ckpt / "last.safetensors"), "pt") as f:
+        assert f.get_tensor("projector.0.weight").dtype == torch.float32  # the master weights
+        assert f.get_tensor("vision.davit.convs.0.conv.weight").dtype == torch.bfloat16  # frozen, stored bf16
+    res = subprocess.run([*base, "trainer.max_steps=5", "resume=last"], capture_output=True, text=True, timeout=600,
+                         cwd=env["root"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list((env["root"] / "runs").glob("fsdp-finetune-*")) == runs
+    info = json.loads((runs[0] / "run.json").read_text())
+    assert info["steps"] == 5
+    assert (
+        MlflowClient(env["uri"])
+        .get_run(info["mlflow_run_id"])
+        .data.tags["resumed_from"]
+        .endswith("last.ckpt")
+    )
 
 
 @pytest.mark.slow
@@ -210,6 +258,21 @@ def test_fsdp_wraps_the_repeated_layers():
     model = build_model(load("tiny").model)
     names = {c.__name__ for c in model.fsdp_wrap_classes()}
     assert {"Phi3DecoderLayer", "Florence2VisionBlock", "BartEncoderLayer"} <= names
-    strategy = build_strategy("fsdp", model, gradient_checkpointing=True)
-    assert type(strategy).__name__ == "FSDPStrategy"
-    assert build_strategy("ddp", model) == "ddp"
+    strategy = build_strategy("fsdp", world_size=2)
+    assert type(strategy).__name__ == "ModelParallelStrategy"
+    assert build_strategy("ddp") == "ddp"
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_one_run_folder(env):
+    """torchrun starts every rank on its own: rank 0 decides the run folder and the others receive it."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29671",
+        "-m", "fvl.cli", "train", str(EXPERIMENTS / "pretrain.yaml"), *env["overrides"], "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.strategy=ddp", "train.global_batch_size=16", "trainer.max_steps=2",
+        "data.val_samples=0", "name=torchrun",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=env["root"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((env["root"] / "runs").glob("torchrun-pretrain-*"))
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.safetensors").exists()
