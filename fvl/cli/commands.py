@@ -86,6 +86,7 @@ class ShardsBuildArgs:
     part: K/N: build the K-th of N disjoint parts (then fvl shards merge).
     workers: worker processes.
     samples_per_shard: override the recipe's shards.samples_per_shard (0: keep it).
+    max_images: skip samples with more images than this, as too_many_images (0: the recipe's shards.max_images).
     quiet: no progress bar.
     """
 
@@ -94,6 +95,7 @@ class ShardsBuildArgs:
     part: str | None = None
     workers: int = 2
     samples_per_shard: int = 0
+    max_images: int = 0
     quiet: bool = False
 
 
@@ -106,6 +108,8 @@ def shards_build(args: ShardsBuildArgs) -> int:
     recipe = load_recipe(args.recipe)
     if args.samples_per_shard:
         recipe.shards.samples_per_shard = args.samples_per_shard
+    if args.max_images:
+        recipe.shards.max_images = args.max_images
     k, n = parse_part(args.part)
     counts = {s.name: len(read_items(s)) for s in recipe.sources}
     total = sum(t.end - t.start for i, t in enumerate(plan(recipe, counts)) if i % n == k)

@@ -60,14 +60,16 @@ def hold_out(shards: ShardSet, per_source: int) -> tuple[ShardSet, list[str], in
     )
 
 
-def ensure_shards(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
-    """The shards' manifest, building them from the recipe first when the folder has none."""
+def ensure_shards(cfg: DataConfig, max_images: int = 0) -> dict[str, Any]:
+    """The shards' manifest, building them from the recipe first when the folder has none; ``max_images``
+    (the model's limit) applies when the recipe sets none."""
     folder = Path(cfg.shards)
     if (folder / MANIFEST).exists() and _stale_synthetic(load_manifest(folder)):
         log.warning("%s was built by an older synthetic generator: rebuilding it", folder)
         shutil.rmtree(folder)
     if not (folder / MANIFEST).exists():
         recipe = load_recipe(cfg.recipe)
+        recipe.shards.max_images = recipe.shards.max_images or max_images
         log.warning("building shards of %s into %s (first use)", recipe.path, folder)
         build(recipe, folder, workers=cfg.build_workers)
     return load_manifest(folder)
@@ -99,7 +101,7 @@ class FVLDataModule(L.LightningDataModule):
         self.val_available = 0
 
     def prepare_data(self) -> None:  # rank 0 of each node: build missing shards
-        ensure_shards(self.cfg)
+        ensure_shards(self.cfg, self.processor.max_images)
 
     def setup(self, stage: str | None = None) -> None:
         manifest = load_manifest(self.cfg.shards)

@@ -11,6 +11,7 @@ sources:
 shards:
   samples_per_shard: 1000
   max_shard_bytes: 1.0e9
+  max_images: 0                   # > 0: samples with more images are skipped (too_many_images)
 ```
 A ``synthetic`` source takes ``split``, ``num_samples``, ``image_size``, ``seed``, ``task`` (``caption`` |
 ``qa``) and ``kinds`` instead of files. Unknown keys, missing files and bad weights are errors that name the
@@ -57,10 +58,13 @@ class SourceConfig:
 @dataclass
 class ShardSettings:
     """How shards are cut: at most ``samples_per_shard`` input items per shard task (skipped items count),
-    and a new tar file whenever one passes ``max_shard_bytes``."""
+    and a new tar file whenever one passes ``max_shard_bytes``. ``max_images`` (0: no limit): a sample with
+    more images can never fit the model's ``max_length`` and is skipped as ``too_many_images`` (training
+    sets it from the model: (max_length - min_text_tokens) // tokens per image)."""
 
     samples_per_shard: int = 1000
     max_shard_bytes: float = 1.0e9
+    max_images: int = 0
 
 
 @dataclass
@@ -126,6 +130,8 @@ def _validate(recipe: Recipe, folder: Path, check_files: bool) -> None:
     names = [s.name for s in recipe.sources]
     if len(set(names)) != len(names):
         raise RecipeError(f"{where}: duplicate source names {names}")
+    if recipe.shards.max_images < 0:
+        raise RecipeError(f"{where}: shards.max_images must be >= 0 (0: no limit)")
     if recipe.shards.samples_per_shard <= 0 or recipe.shards.max_shard_bytes <= 0:
         raise RecipeError(f"{where}: shards.samples_per_shard and shards.max_shard_bytes must be positive")
     for i, s in enumerate(recipe.sources):

@@ -86,7 +86,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def run_task(
-    source: SourceConfig, task: Task, items: list[Any], out: Path, max_bytes: float
+    source: SourceConfig, task: Task, items: list[Any], out: Path, max_bytes: float, max_images: int = 0
 ) -> dict[str, Any]:
     """Encode one task's items into tars (see the module docstring); returns its record."""
     tmp = out / f".tmp-{task.stem}"
@@ -100,7 +100,7 @@ def run_task(
     try:
         for offset, item in enumerate(items):
             try:
-                sample = encode_item(source, item, task.start + offset)
+                sample = encode_item(source, item, task.start + offset, max_images)
             except Skip as e:
                 skipped[e.reason] += 1
                 continue
@@ -158,7 +158,14 @@ def build(
             pending.append(t)
     sources = {s.name: s for s in recipe.sources}
     jobs = [
-        (sources[t.source], t, items[t.source][t.start : t.end], out, recipe.shards.max_shard_bytes)
+        (
+            sources[t.source],
+            t,
+            items[t.source][t.start : t.end],
+            out,
+            recipe.shards.max_shard_bytes,
+            recipe.shards.max_images,
+        )
         for t in pending
     ]
     if workers > 1 and len(jobs) > 1:
@@ -194,7 +201,13 @@ def _manifest(records: list[dict[str, Any]], recipe: Recipe, part: str) -> dict[
     for r in records:
         _add_counts(sources, r["source"], r["written"], r["skipped"])
     shards = sorted((sh for r in records for sh in r["shards"]), key=lambda sh: sh["path"])
-    return {"recipe": recipe.path, "part": part, "sources": sources, "shards": shards}
+    return {
+        "recipe": recipe.path,
+        "part": part,
+        "max_images": recipe.shards.max_images,
+        "sources": sources,
+        "shards": shards,
+    }
 
 
 def merge(out: str | Path) -> dict[str, Any]:

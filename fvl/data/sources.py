@@ -153,8 +153,9 @@ def _sample(key: str, images: list[tuple[bytes, str]], meta: dict[str, Any]) -> 
     return sample
 
 
-def encode_item(source: SourceConfig, item: Any, index: int) -> dict[str, Any]:
-    """One raw item -> a WebDataset sample dict (or ``Skip``)."""
+def encode_item(source: SourceConfig, item: Any, index: int, max_images: int = 0) -> dict[str, Any]:
+    """One raw item -> a WebDataset sample dict (or ``Skip``). ``max_images`` > 0: a sample with more images
+    can never fit the model and is skipped as ``too_many_images``."""
     key = f"{source.name}-{index:09d}"
     if source.format == "synthetic":
         s = generate(
@@ -193,6 +194,8 @@ def encode_item(source: SourceConfig, item: Any, index: int) -> dict[str, Any]:
 
     image_field = item.get("image")
     relatives = [] if image_field is None else image_field if isinstance(image_field, list) else [image_field]
+    if max_images and len(relatives) > max_images:
+        raise Skip("too_many_images", f"{len(relatives)} images; the model fits {max_images} per sample")
     conversations = check_conversation(item.get("conversations"), len(relatives))
     images = [load_image_bytes(safe_image_path(source.image_root, rel)) for rel in relatives]
     meta = {"id": str(item.get("id", index)), "source": source.name, "conversations": conversations}

@@ -55,7 +55,12 @@ class FlorenceVL(nn.Module):
         self.image_token_id: int = self.tokenizer.image_token_id
         # What the data side needs, equal to ``build_processor(cfg)`` (which builds no model).
         self.processor = Processor(
-            self.tokenizer, self.template, transform, self.num_image_tokens, cfg.text.max_length
+            self.tokenizer,
+            self.template,
+            transform,
+            self.num_image_tokens,
+            cfg.text.max_length,
+            cfg.text.min_text_tokens,
         )
 
     # ---- sizes -------------------------------------------------------------------------------------------

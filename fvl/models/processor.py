@@ -33,6 +33,7 @@ class Processor:
     transform: PIL image -> ``[3, S, S]`` tensor for the vision tower (its resize mode included).
     image_tokens: LLM tokens per image after fusion (each placeholder expands to this many ids).
     max_length: longest tokenized sample (truncation keeps every image whole).
+    min_text_tokens: the text budget a sample needs beside its images.
     """
 
     tokenizer: Any
@@ -40,10 +41,18 @@ class Processor:
     transform: ImageTransform
     image_tokens: int
     max_length: int | None = None
+    min_text_tokens: int = 0
 
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    @property
+    def max_images(self) -> int:
+        """The most images a sample can hold and still fit ``max_length`` (0: no limit known)."""
+        if not self.max_length:
+            return 0
+        return max(1, (self.max_length - self.min_text_tokens) // max(1, self.image_tokens))
 
     def with_resize_mode(self, mode: str) -> Processor:
         return dataclasses.replace(self, transform=self.transform.with_mode(mode))
@@ -83,4 +92,5 @@ def build_processor(cfg: ModelConfig, resize_mode: str = "pad") -> Processor:
         tower.transform_for(cfg.vision, resize_mode),
         image_tokens_for(cfg),
         cfg.text.max_length,
+        cfg.text.min_text_tokens,
     )

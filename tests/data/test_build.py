@@ -91,11 +91,11 @@ def test_interrupted_build_resumes_to_the_same_manifest(recipe_path, whole, tmp_
     real = shards_mod.encode_item
     calls = {"n": 0}
 
-    def dying(source, item, index):
+    def dying(source, item, index, max_images=0):
         calls["n"] += 1
         if calls["n"] == 25:
             raise KeyboardInterrupt("killed mid-task")
-        return real(source, item, index)
+        return real(source, item, index, max_images)
 
     monkeypatch.setattr(shards_mod, "encode_item", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -193,3 +193,22 @@ def test_cli_build_parts_and_merge(recipe_path, whole, tmp_path):
         )
     assert main(["shards", "merge", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "manifest.json").read_text())["shards"] == whole[1]["shards"]
+
+
+def test_samples_that_can_never_fit_are_counted_not_written(recipe_path, tmp_path):
+    recipe = load_recipe(recipe_path)
+    recipe.shards.max_images = 1  # e.g. a model whose max_length holds one image
+    manifest = build(recipe, tmp_path / "one", workers=1)
+    llava = manifest["sources"]["llava"]
+    assert llava["skipped"] == {**BAD_LLAVA, "too_many_images": 1} and llava["written"] == len(GOOD_LLAVA) - 1
+    assert "two_images" not in read_back(tmp_path / "one", manifest) and manifest["max_images"] == 1
+
+
+def test_training_derives_the_image_limit_from_the_model():
+    from fvl.config import load
+    from fvl.models import build_processor
+
+    processor = build_processor(
+        load("florence_vl_3b", ["model.vision.init=random", "model.llm.init=random"]).model
+    )
+    assert processor.max_images == (2048 - 64) // 576 == 3  # a fourth image can never fit

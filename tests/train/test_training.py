@@ -149,14 +149,32 @@ def test_two_process_ddp_on_cpu(env):
     cmd = [
         sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "pretrain.yaml"), *env["overrides"],
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "train.global_batch_size=16",
-        "trainer.max_steps=3", "data.val_samples=8", "name=ddp", *REAL_PRECISION,
+        "data.val_samples=8", "name=ddp", *REAL_PRECISION,
     ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=env["root"])
+    res = subprocess.run(
+        [*cmd, "trainer.max_steps=3"], capture_output=True, text=True, timeout=600, cwd=env["root"]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in (env["root"] / "runs").glob("ddp-pretrain-*/run.json")]
     assert len(runs) == 1 and runs[0]["steps"] == 3
     run = MlflowClient(env["uri"]).get_run(runs[0]["mlflow_run_id"])
     assert run.data.tags["grad_accumulation"] == "1"  # 16 = 8 per device x 2 processes
+    from fvl.models import load_checkpoint
+
+    load_checkpoint(
+        runs[0]["checkpoint"]
+        if runs[0]["checkpoint"].startswith("/")
+        else env["root"] / runs[0]["checkpoint"]
+    )
+    res = subprocess.run([*cmd, "trainer.max_steps=5", "resume=last"], capture_output=True, text=True, timeout=600,
+                         cwd=env["root"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = [json.loads(p.read_text()) for p in (env["root"] / "runs").glob("ddp-pretrain-*/run.json")]
+    assert (
+        len(resumed) == 1
+        and resumed[0]["steps"] == 5
+        and resumed[0]["mlflow_run_id"] == runs[0]["mlflow_run_id"]
+    )
 
 
 @pytest.mark.slow
