@@ -100,12 +100,20 @@ def _timed(fn, device: str, iters: int, warmup: int) -> list[float]:
 
 
 def bench_step(
-    tiny: bool = False, steps: int = 6, warmup: int = 3, text_tokens: int = 512
+    tiny: bool = False,
+    steps: int = 6,
+    warmup: int = 3,
+    text_tokens: int = 512,
+    fsdp: bool = False,
+    batch: int = 0,
 ) -> dict[str, float]:
     """The shipped ``florence_vl_3b_finetune`` configuration at real size with random init: its precision
     (float32 master weights, frozen tower in bf16, bf16 autocast), gradient checkpointing, optimizer,
     clipping and micro batch; one optimizer step per micro batch. ``tiny=True`` runs the same code on the
-    tiny preset (a CPU smoke test).
+    tiny preset (a CPU smoke test). ``fsdp=True`` shards the model with fvl's FSDP2 wrapping over the
+    processes started (one without a launcher; ``torchrun`` for more), times the same step, then gathers
+    the full state and writes the consolidated safetensors once, as a training run ends. ``batch`` overrides
+    the micro batch.
 
     Model FLOPs per step (recompute left out): 6 x trainable parameters x the tokens they see (LLM: every
     position; projector: image tokens; the input embedding is a lookup and counts nothing), 2 x frozen
@@ -129,9 +137,8 @@ def bench_step(
         module = build_module(cfg)
     module.model.train()
     model = module.model
-    opt = module.configure_optimizers()["optimizer"]
     autocast = cfg.trainer.precision.startswith("bf16")
-    batch = cfg.data.batch_size
+    batch = batch or cfg.data.batch_size
     size = model.vision.image_size
     conv = [
         {"from": "human", "value": "<image>\n" + "word " * (text_tokens // 2)},
@@ -145,22 +152,7 @@ def bench_step(
         if torch.is_tensor(v)
     }
 
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(data).loss
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip
-            )
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = statistics.median(_timed(step, device, 2 if tiny else steps, 1 if tiny else warmup))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-
+    # Model FLOPs, counted on the unsharded model (a sharded root cannot run a part of itself alone).
     tokens = data["input_ids"].numel()
     image_tokens = batch * model.num_image_tokens
     embedding = model.llm.get_input_embeddings().weight
@@ -181,11 +173,37 @@ def bench_step(
         + 6 * params(model.projector, True) * image_tokens
         + vision_forward * (3 if vision_trains else 1)
     )
+    world, own_group = _shard(model, device) if fsdp else (1, False)
+    opt = module.configure_optimizers()["optimizer"]
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(data).loss
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip
+            )
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = statistics.median(_timed(step, device, 2 if tiny else steps, 1 if tiny else warmup))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
     llm_cfg = model.llm.config
     seq = data["input_ids"].shape[1]
     attention = 12 * llm_cfg.num_hidden_layers * llm_cfg.hidden_size * seq * tokens
     ceiling = matmul_ceiling(device, 8192 if device == "cuda" else 512, iters=10 if device == "cuda" else 2)
+    extra = _consolidate(model) if fsdp else {}
+    if own_group:  # a process group this function started ends with it
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return {
+        **extra,
+        "strategy": f"fsdp2 over {world} process(es)" if fsdp else "single device",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "ms_per_step": 1000 * seconds,
         "tokens_per_s": tokens / seconds,
@@ -201,13 +219,61 @@ def bench_step(
     }
 
 
-def run(which: list[str], samples: int = 256, tiny: bool = False, json_out: str | None = None) -> None:
+def _shard(model, device: str) -> tuple[int, bool]:
+    """FSDP2 with fvl's units over the processes started (a process group of one without a launcher);
+    returns the world size and whether the process group was started here."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fvl.train.strategy import shard_model
+
+    started = not dist.is_initialized()
+    if started:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29555")
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    shard_model(model, init_device_mesh(device, (dist.get_world_size(),)))
+    return dist.get_world_size(), started
+
+
+def _consolidate(model) -> dict[str, float]:
+    """Gather the sharded model's full state (every rank) and write it once as safetensors (rank 0)."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from fvl.models.checkpoint import save_checkpoint
+
+    began = time.perf_counter()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out: dict[str, float] = {}
+    if dist.get_rank() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(model, Path(tmp) / "last.safetensors", state_dict=state)
+            out["consolidated_gib"] = path.stat().st_size / 2**30
+    dist.barrier()
+    out["consolidate_s"] = time.perf_counter() - began
+    return out
+
+
+def run(
+    which: list[str],
+    samples: int = 256,
+    tiny: bool = False,
+    json_out: str | None = None,
+    fsdp: bool = False,
+    batch: int = 0,
+) -> None:
     """Run the named benchmarks and print their figures under a line with the date and machine."""
     print(f"# {dt.date.today()} on {machine()}")
     if "step" in which:
-        r = bench_step(tiny=tiny)
+        r = bench_step(tiny=tiny, fsdp=fsdp, batch=batch)
         print(
-            f"step ({'tiny' if tiny else 'florence_vl_3b_finetune, random init'}) on {r['device']}: "
+            f"step ({'tiny' if tiny else 'florence_vl_3b_finetune, random init'}, {r['strategy']}) on {r['device']}: "
             f"{r['precision']}, {r['optimizer']}, batch {r['batch']} x {r['seq']} tokens: {r['ms_per_step']:.1f} ms/step, "
             f"{r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.1f} GiB, {r['model_tflop_per_step']:.1f} TFLOP/step, "
             f"MFU {r['mfu']:.1%} ({r['mfu_with_attention']:.1%} counting attention) of a measured "

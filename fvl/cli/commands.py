@@ -377,6 +377,9 @@ class BenchArgs:
     samples: images for the loader benchmark.
     tiny: run step on the tiny preset (a CPU smoke test of the GPU check).
     json: write the step figures to this JSON file too.
+    fsdp: run step under fvl's FSDP2 sharding (over the processes torchrun starts; one without it) and
+      consolidate the final safetensors.
+    batch: micro batch of step (0: the configuration's).
     """
 
     which: list[str] = field(
@@ -385,12 +388,14 @@ class BenchArgs:
     samples: int = 256
     tiny: bool = False
     json: str | None = None
+    fsdp: bool = False
+    batch: int = 0
 
 
 def bench(args: BenchArgs) -> int:
     from fvl.bench import run
 
-    run(args.which, args.samples, args.tiny, args.json)
+    run(args.which, args.samples, args.tiny, args.json, args.fsdp, args.batch)
     return 0
 
 

@@ -103,6 +103,16 @@ def test_bench_step_smoke_on_the_tiny_preset(capsys, tmp_path):
 
     assert main(["bench", "step", "--tiny", "--json", str(tmp_path / "step.json")]) == 0
     out = capsys.readouterr().out
-    assert "step (tiny)" in out and "ms/step" in out and "MFU" in out
+    assert "step (tiny, single device)" in out and "ms/step" in out and "MFU" in out
     r = json.loads((tmp_path / "step.json").read_text())
     assert r["model_tflop_per_step"] > 0 and 0 < r["mfu"] < r["mfu_with_attention"]
+    # the same step under fvl's FSDP2 wrapping, then the consolidated safetensors
+    assert (
+        main(["bench", "step", "--tiny", "--fsdp", "--batch", "2", "--json", str(tmp_path / "fsdp.json")])
+        == 0
+    )
+    r = json.loads((tmp_path / "fsdp.json").read_text())
+    assert r["strategy"].startswith("fsdp2") and r["consolidated_gib"] > 0
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the process group it started ended with it
