@@ -231,10 +231,16 @@ def _shard(model, device: str) -> tuple[int, bool]:
 
     started = not dist.is_initialized()
     if started:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29555")
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+        backend = "nccl" if device == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # a launcher (torchrun) set up the rendezvous
+            dist.init_process_group(backend)
+        else:  # one process: a private rendezvous, leaving the environment as it was
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     shard_model(model, init_device_mesh(device, (dist.get_world_size(),)))
     return dist.get_world_size(), started
 

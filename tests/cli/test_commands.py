@@ -1,6 +1,7 @@
 """Presets, offline tiny assets, arch validation and the command line."""
 
 import filecmp
+import os
 import subprocess
 import sys
 
@@ -116,3 +117,4 @@ def test_bench_step_smoke_on_the_tiny_preset(capsys, tmp_path):
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the process group it started ended with it
+    assert "MASTER_PORT" not in os.environ  # and the environment of later runs is untouched
