@@ -3,6 +3,7 @@ images on the other still give every rank the same graph (a zero-weighted blank 
 gradient all-reduce and FSDP's collectives work."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -49,12 +50,18 @@ def _worker(rank: int, world: int, port: int, out: str, sharded: bool) -> None:
     dist.destroy_process_group()
 
 
+def _two_ranks(tmp_path, sharded: bool) -> tuple[dict, dict]:
+    """Run ``_worker`` on two gloo processes (rank 1 text-only); each rank's gradients after backward."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path), sharded), nprocs=2, join=True)
+    return tuple(torch.load(tmp_path / f"grads{rank}.pt", weights_only=True) for rank in (0, 1))
+
+
 @pytest.mark.slow
 def test_fsdp_with_a_text_only_rank(tmp_path):
-    port = 28500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(2, port, str(tmp_path), True), nprocs=2, join=True)
-    g0 = torch.load(tmp_path / "grads0.pt", weights_only=True)
-    g1 = torch.load(tmp_path / "grads1.pt", weights_only=True)
+    g0, g1 = _two_ranks(tmp_path, sharded=True)
     assert g0.keys() == g1.keys() and any(n.startswith("projector.") for n in g0)
     assert all(g.dtype == torch.float32 for g in g0.values())  # gradients of the float32 master weights
     assert any(g0[n].abs().sum() > 0 for n in g0 if n.startswith("projector."))  # rank 0's image signal
@@ -62,10 +69,7 @@ def test_fsdp_with_a_text_only_rank(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_with_a_text_only_rank(tmp_path):
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(2, port, str(tmp_path), False), nprocs=2, join=True)
-    g0 = torch.load(tmp_path / "grads0.pt", weights_only=True)
-    g1 = torch.load(tmp_path / "grads1.pt", weights_only=True)
+    g0, g1 = _two_ranks(tmp_path, sharded=False)
     assert g0.keys() == g1.keys() and any(n.startswith("vision.") for n in g0)
     for name in g0:  # all-reduced: identical on both ranks, and the vision tower got rank 0's signal
         assert torch.equal(g0[name], g1[name]), name
