@@ -1,7 +1,8 @@
 """Benchmarks (``fvl bench``, ``make bench``): figures with the machine and date, never asserted in tests.
 
-``fvl bench loader``: decode + preprocess throughput of the shard reader at Florence-2's 768 px, images per
-second for 1 and 2 DataLoader workers, measured side by side in one run.
+``fvl bench images``: decode + preprocess cost per image (``fvl.bench_images``); ``fvl bench loader``: the
+shard reader in-process against a naive decode + resize, and images per second for 1 and 2 DataLoader
+workers (``fvl.bench_loader``), for 512 px PNGs and 2250x1500 JPEGs at Florence-2's 768 px.
 ``fvl bench step``: one training step of the shipped ``florence_vl_3b_finetune`` configuration at real size
 (random init) on a GPU, with MFU against a bf16 matmul ceiling measured in the same run (``--tiny``
 smoke-tests it on a CPU).
@@ -17,52 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
-
-
-def bench_loader(
-    samples: int = 256, image_size: int = 768, batch: int = 16, source_px: int = 512
-) -> dict[str, float]:
-    from fvl.config import load
-    from fvl.data.config import DataConfig
-    from fvl.data.datamodule import shard_set
-    from fvl.data.pipeline import make_dataset
-    from fvl.data.recipes import load_recipe
-    from fvl.data.shards import build
-    from fvl.models import build_processor
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "r.yaml").write_text(
-            f"sources:\n  - {{name: s, format: synthetic, num_samples: {samples}, task: qa, image_size: {source_px}}}\n"
-            f"shards: {{samples_per_shard: {max(1, samples // 8)}}}\n"
-        )
-        manifest = build(load_recipe(root / "r.yaml"), root / "shards", workers=2)
-        shards = shard_set(root / "shards", manifest)
-        # The tiny preset's tower at 768 px has the real presets' 576 tokens; the tokenizer is the tiny one.
-        model_cfg = load(
-            "tiny", [f"model.vision.image_size={image_size}", "model.text.max_length=2048"]
-        ).model
-        processor = build_processor(model_cfg, "pad")
-        results = {}
-        for workers in (1, 2):
-            data_cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_buffer=0, resampled=False)
-            ds = make_dataset(data_cfg, shards, processor)
-            loader = DataLoader(ds, batch_size=None, num_workers=workers)
-            start, n = None, 0
-            for i, b in enumerate(loader):
-                if i == 0:  # exclude worker start-up
-                    start = time.perf_counter()
-                    continue
-                n += b["pixel_values"].shape[0]
-            elapsed = time.perf_counter() - start
-            results[f"{workers}_workers_images_per_s"] = n / elapsed
-        results["per_worker_images_per_s"] = results["1_workers_images_per_s"]
-        return results
 
 
 def matmul_ceiling(device: str, n: int = 8192, iters: int = 10) -> float:
@@ -247,7 +205,6 @@ def _shard(model, device: str) -> tuple[int, bool]:
 
 def _consolidate(model) -> dict[str, float]:
     """Gather the sharded model's full state (every rank) and write it once as safetensors (rank 0)."""
-    import tempfile
 
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -287,9 +244,25 @@ def run(
         )
         if json_out:
             Path(json_out).write_text(json.dumps(r, indent=1))
+    if "images" in which:
+        from fvl.bench_images import bench_images
+
+        r = bench_images(n=min(samples, 24))
+        for kind in ("jpeg_2250x1500", "png_512x512"):
+            f = r[kind]
+            print(
+                f"images {kind} -> {r['size']} px, ms per image: naive {f['naive_ms']:.1f}, pad {f['pad_ms']:.1f} "
+                f"({f['pad_vs_naive']:.2f}x), square {f['square_ms']:.1f} ({f['square_vs_naive']:.2f}x), "
+                f"before {f['before_ms']:.1f} ({f['before_vs_naive']:.2f}x)"
+            )
     if "loader" in which:
+        from fvl.bench_loader import KINDS, bench_loader
+
         r = bench_loader(samples)
-        print(
-            f"loader (512 px PNG -> pad -> 768 px normalised): 1 worker {r['1_workers_images_per_s']:.1f} img/s, "
-            f"2 workers {r['2_workers_images_per_s']:.1f} img/s"
-        )
+        for kind in KINDS:
+            f = r[kind]
+            print(
+                f"loader {kind} -> pad {r['size']} px uint8: in-process {f['in_process_ms']:.1f} ms/sample vs naive "
+                f"decode+resize {f['naive_ms']:.1f} ms ({f['in_process_vs_naive']:.2f}x); 1 worker "
+                f"{f['1_workers_images_per_s']:.1f} img/s, 2 workers {f['2_workers_images_per_s']:.1f} img/s"
+            )

@@ -228,6 +228,15 @@ def load(
     return OmegaConf.structured(as_experiment(cfg))
 
 
+def with_stage(cfg: DictConfig | ExperimentConfig, name: str) -> DictConfig:
+    """``cfg`` with the stage ``name``'s YAML merged on top (as the override ``stage=NAME`` would)."""
+    merged = OmegaConf.structured(as_experiment(cfg))
+    for layer_path, layer in _read_with_includes(stage_path(name)):
+        merged = _merge(merged, layer, f"stage {name!r} ({layer_path})")
+    validate(merged, f"stage {name!r}")
+    return OmegaConf.structured(as_experiment(merged))
+
+
 def to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML (what a run records as its artifact)."""
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -100,28 +100,27 @@ class ShardsBuildArgs:
 
 
 def shards_build(args: ShardsBuildArgs) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fvl.data.recipes import load_recipe
-    from fvl.data.shards import build, parse_part, plan, read_items
+    from fvl.data.shards import build, parse_part
 
     recipe = load_recipe(args.recipe)
     if args.samples_per_shard:
         recipe.shards.samples_per_shard = args.samples_per_shard
     if args.max_images:
         recipe.shards.max_images = args.max_images
-    k, n = parse_part(args.part)
-    counts = {s.name: len(read_items(s)) for s in recipe.sources}
-    total = sum(t.end - t.start for i, t in enumerate(plan(recipe, counts)) if i % n == k)
+    parse_part(args.part)  # a bad --part fails before any work
+    # No total: the annotation files are streamed once, by the build itself, so their length is not known
+    # up front (counting them first would read multi-GB files twice).
     columns = (
+        SpinnerColumn(),
         TextColumn("[bold]shards"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("items"),
-        TimeRemainingColumn(),
+        TextColumn("{task.completed:.0f} items"),
+        TimeElapsedColumn(),
     )
     with Progress(*columns, disable=args.quiet) as bar:
-        task = bar.add_task("build", total=total)
+        task = bar.add_task("build", total=None)
         manifest = build(
             recipe, args.out, part=args.part, workers=args.workers, progress=lambda m: bar.advance(task, m)
         )
@@ -372,9 +371,10 @@ def pca(args: PCAArgs) -> int:
 class BenchArgs:
     """Benchmarks with the machine and date (figures, never asserted in tests).
 
-    which: loader (decode + preprocess throughput at 768 px) and / or step (a training step of the shipped
-      3B finetune configuration at real size, with MFU; a GPU check).
-    samples: images for the loader benchmark.
+    which: images (decode + preprocess per image at 768 px), loader (the shard reader in-process and with
+      workers, PNGs and JPEG photos) and / or step (a training step of the shipped 3B finetune
+      configuration at real size, with MFU; a GPU check).
+    samples: images per kind for the loader benchmark (at most 24 for images).
     tiny: run step on the tiny preset (a CPU smoke test of the GPU check).
     json: write the step figures to this JSON file too.
     fsdp: run step under fvl's FSDP2 sharding (over the processes torchrun starts; one without it) and
@@ -383,9 +383,10 @@ class BenchArgs:
     """
 
     which: list[str] = field(
-        default_factory=lambda: ["loader"], metadata={"positional": True, "choices": ("loader", "step")}
+        default_factory=lambda: ["images", "loader"],
+        metadata={"positional": True, "choices": ("images", "loader", "step")},
     )
-    samples: int = 256
+    samples: int = 64
     tiny: bool = False
     json: str | None = None
     fsdp: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 VAL_SPLITS = ("synthetic", "heldout")
@@ -11,30 +12,38 @@ VAL_SPLITS = ("synthetic", "heldout")
 class DataConfig:
     """What a stage reads and how.
 
-    recipe: a recipe YAML, or a name in ``data_recipes/`` (default ``synthetic``).
-    shards: folder of built shards; built from the recipe first when it has no ``manifest.json``.
-    sources: names of the recipe's sources to read (empty: all), mixed by their recipe weights.
+    recipe: a recipe YAML, or a name in ``data_recipes/`` (default ``synthetic``). The shards must have been
+      built from it (their manifest names it).
+    shards: folder of built shards; the synthetic recipe is built there on first use, a real one with
+      ``fvl shards build RECIPE --out DIR``.
+    sources: names of the recipe's sources to read (empty: all).
+    weights: passes per epoch over a source, overriding the recipe's ``weight`` (``data.weights.NAME=0.5``:
+      half of its samples each epoch, a different half the next; 2: each sample twice). Read at training
+      time: no rebuild needed.
     batch_size: micro batch per device.
-    num_workers: DataLoader worker processes.
-    shuffle_buffer: samples held for shuffling (0: read in shard order).
-    resampled: draw shards with replacement and give every rank the same number of batches per epoch
-      (what multi-rank training needs); false reads every sample exactly once per epoch.
-    epoch_samples: samples per epoch over all ranks when resampled (0: the manifest's total).
+    num_workers: DataLoader worker processes (they change speed, never what is read).
+    group_by_length: batch samples of similar length and the same modality (LLaVA's modality-length
+      grouping); ``train/padding_fraction`` shows the effect.
+    length_window: global steps sorted together when grouping by length (larger: tighter batches, less
+      randomness in batch order).
     build_workers: processes used to build missing shards.
     val_split: where validation samples come from: ``synthetic`` (generated on the fly for the stage's
       ``val_task``) | ``heldout`` (the last ``val_shards`` shards of every source read, kept out of training).
     val_shards: shards per source held out when ``val_split=heldout``.
     val_samples: validation samples over all ranks (0: no validation).
+
+    An epoch is one pass as the weights say, in a seeded order (``seed``), split evenly over ranks; see
+    ``fvl.data.plan``. ``resume=last`` continues it at the batch where the checkpoint was taken.
     """
 
     recipe: str = "synthetic"
     shards: str = "shards/synthetic"
     sources: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
     batch_size: int = 32
     num_workers: int = 1
-    shuffle_buffer: int = 1000
-    resampled: bool = True
-    epoch_samples: int = 0
+    group_by_length: bool = False
+    length_window: int = 32
     build_workers: int = 2
     val_split: str = "synthetic"
     val_shards: int = 1
@@ -43,9 +52,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError("data.batch_size must be positive")
-        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.epoch_samples < 0 or self.val_samples < 0:
-            raise ValueError("data.num_workers, shuffle_buffer, epoch_samples and val_samples must be >= 0")
+        if self.num_workers < 0 or self.val_samples < 0:
+            raise ValueError("data.num_workers and data.val_samples must be >= 0")
+        if self.length_window <= 0:
+            raise ValueError("data.length_window must be positive")
         if self.val_split not in VAL_SPLITS:
             raise ValueError(f"data.val_split={self.val_split!r}: expected one of {', '.join(VAL_SPLITS)}")
         if self.val_shards <= 0:
             raise ValueError("data.val_shards must be positive")
+        bad = {k: w for k, w in self.weights.items() if not (w >= 0 and math.isfinite(w))}
+        if bad:
+            raise ValueError(f"data.weights {bad}: a weight is passes per epoch, a finite number >= 0")

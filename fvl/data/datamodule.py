@@ -1,91 +1,108 @@
-"""The Lightning DataModule: shards built on first use, streamed per rank and worker through a
-``Processor`` (the model is never needed), plus a validation split: generated on the fly (synthetic) or
-shards held out of training (real recipes)."""
+"""The Lightning DataModule: shards checked against the recipe (and the synthetic recipe built on first use),
+an epoch plan per rank (``fvl.data.plan``) read by random access (``fvl.data.reader``), and a validation
+split: generated on the fly (synthetic) or shards held out of training (real recipes). The model is never
+needed: a ``Processor`` built from ``cfg.model`` prepares the samples.
+"""
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from fvl.data.collate import collate
 from fvl.data.config import DataConfig
-from fvl.data.pipeline import ShardSet, heldout_dataset, make_dataset
-from fvl.data.recipes import load_recipe
+from fvl.data.plan import EpochBatches, PlanSettings
+from fvl.data.reader import Catalog, PlannedLoader, ShardReader, as_is
+from fvl.data.recipes import Recipe, load_recipe, resolve_recipe_path
 from fvl.data.shards import MANIFEST, build, load_manifest
-from fvl.data.synthetic import GENERATOR_VERSION, generate
+from fvl.data.shardset import ShardSet, hold_out, shard_set
+from fvl.data.synthetic import generate
 from fvl.models.processor import Processor
 
 log = logging.getLogger(__name__)
 
 
-def shard_set(folder: str | Path, manifest: dict[str, Any], sources: list[str] | None = None) -> ShardSet:
-    """The shards of ``sources`` (all when empty) listed in a manifest, with weights and sample counts."""
-    folder = Path(folder)
-    wanted = list(sources) if sources else list(manifest["sources"])
-    unknown = [s for s in wanted if s not in manifest["sources"]]
-    if unknown:
-        raise ValueError(f"data.sources: {unknown} not in the shards' manifest ({list(manifest['sources'])})")
-    urls = {s: [str(folder / sh["path"]) for sh in manifest["shards"] if sh["source"] == s] for s in wanted}
-    empty = [s for s, u in urls.items() if not u]
-    if empty:
-        raise ValueError(f"{folder}: no shards for sources {empty} (every sample skipped? see {MANIFEST})")
-    return ShardSet(
-        urls,
-        {s: float(manifest["sources"][s]["weight"]) for s in wanted},
-        {str(folder / sh["path"]): int(sh.get("samples", 0)) for sh in manifest["shards"]},
+def is_synthetic(recipe: Recipe) -> bool:
+    return all(s.format == "synthetic" for s in recipe.sources)
+
+
+def check_recipe(manifest: dict[str, Any], folder: str | Path, recipe_path: Path) -> None:
+    """Refuse shards built from another recipe than ``data.recipe``: same file, or same name and sources."""
+    built = manifest.get("recipe", "")
+    same_file = bool(built) and Path(built).exists() and Path(built).resolve() == recipe_path.resolve()
+    name = manifest.get("recipe_name") or Path(built).stem
+    same_name = name == recipe_path.stem
+    if same_file or same_name:
+        return
+    raise ValueError(
+        f"{folder} holds shards of recipe {name!r} ({built}), but data.recipe is {recipe_path.stem!r} "
+        f"({recipe_path}); point data.shards at that recipe's shards, or build them with "
+        f"fvl shards build {recipe_path} --out DIR"
     )
 
 
-def hold_out(shards: ShardSet, per_source: int) -> tuple[ShardSet, list[str], int]:
-    """``(training shards, held-out shard paths, held-out samples)``: the last ``per_source`` shards of
-    every source leave the training set."""
-    short = {s: len(u) for s, u in shards.urls.items() if len(u) <= per_source}
-    if short:
-        raise ValueError(
-            f"data.val_split=heldout: sources {short} have no more shards than data.val_shards={per_source}; "
-            "lower it, write smaller shards (shards.samples_per_shard) or use data.val_split=synthetic"
-        )
-    train = {s: u[:-per_source] for s, u in shards.urls.items()}
-    held = [url for u in shards.urls.values() for url in u[-per_source:]]
-    return (
-        ShardSet(train, shards.weights, shards.shard_samples),
-        held,
-        sum(shards.shard_samples[u] for u in held),
-    )
-
-
-def ensure_shards(cfg: DataConfig, max_images: int = 0) -> dict[str, Any]:
-    """The shards' manifest, building them from the recipe first when the folder has none; ``max_images``
-    (the model's limit) applies when the recipe sets none."""
+def ensure_shards(cfg: DataConfig, max_images: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+    """The shards' manifest. The synthetic recipe is built (or brought up to date: the build only redoes
+    what changed) here; a real recipe's shards must exist, since hours of building inside a multi-rank start
+    would time out the other ranks. ``max_images`` (the model's limit) applies when the recipe sets none."""
     folder = Path(cfg.shards)
-    if (folder / MANIFEST).exists() and _stale_synthetic(load_manifest(folder)):
-        log.warning("%s was built by an older synthetic generator: rebuilding it", folder)
-        shutil.rmtree(folder)
-    if not (folder / MANIFEST).exists():
-        recipe = load_recipe(cfg.recipe)
-        recipe.shards.max_images = recipe.shards.max_images or max_images
-        log.warning("building shards of %s into %s (first use)", recipe.path, folder)
-        build(recipe, folder, workers=cfg.build_workers)
-    return load_manifest(folder)
+    recipe = load_recipe(cfg.recipe, check_files=False)
+    recipe_path = Path(recipe.path)
+    if (folder / MANIFEST).exists():
+        check_recipe(load_manifest(folder), folder, recipe_path)
+        if not is_synthetic(recipe):
+            return load_manifest(folder)
+    elif not is_synthetic(recipe):
+        command = f"fvl shards build {recipe_path} --out {folder}"
+        if world_size > 1:
+            raise FileNotFoundError(
+                f"{folder}: no shards of recipe {recipe_path.stem!r}; build them before a {world_size}-rank "
+                f"run (building inside it would time out the other ranks): {command}"
+            )
+        log.warning("%s: no shards yet; building recipe %s first (same as: %s)", folder, recipe_path, command)
+    recipe = load_recipe(cfg.recipe)  # now with its files checked
+    recipe.shards.max_images = recipe.shards.max_images or max_images
+    return _build_with_progress(recipe, folder, cfg.build_workers, progress)
 
 
-def _stale_synthetic(manifest: dict[str, Any]) -> bool:
-    return any(
-        s.get("format") == "synthetic" and s.get("generator_version") != GENERATOR_VERSION
-        for s in manifest["sources"].values()
-    )
+def _build_with_progress(recipe: Recipe, folder: Path, workers: int, progress: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = sum(s.num_samples for s in recipe.sources if s.format == "synthetic") or None
+    columns = (TextColumn(f"[bold]shards of {Path(recipe.path).stem}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn(), disable=not progress, transient=True) as bar:
+        task = bar.add_task("build", total=total)
+        return build(recipe, folder, workers=workers, progress=lambda n: bar.advance(task, n))
+
+
+def read_weights(cfg: DataConfig, sources: list[str]) -> dict[str, float]:
+    """Passes per epoch of each source read: the recipe's ``weight`` (read now, not from the manifest),
+    overridden by ``data.weights``."""
+    recipe = load_recipe(cfg.recipe, check_files=False)
+    weights = {s.name: float(s.weight) for s in recipe.sources}
+    unknown = sorted(set(cfg.weights) - set(weights))
+    if unknown:
+        raise ValueError(
+            f"data.weights: {unknown} are not sources of recipe {recipe.path} ({sorted(weights)})"
+        )
+    weights.update({k: float(v) for k, v in cfg.weights.items()})
+    chosen = {s: weights[s] for s in sources}
+    if not any(w > 0 for w in chosen.values()):
+        raise ValueError(f"data.weights: every source read has weight 0 ({chosen})")
+    return chosen
 
 
 class FVLDataModule(L.LightningDataModule):
-    """Training batches from shards and a validation split, prepared by ``processor``.
+    """Training batches planned per epoch and rank, and a validation split, prepared by ``processor``.
 
     val_task: the task of the synthetic validation split (the stage's ``val_task``: ``caption`` | ``qa``).
+    seed: fixes every epoch's order (with the epoch number).
     """
 
     def __init__(
@@ -96,27 +113,11 @@ class FVLDataModule(L.LightningDataModule):
         self.processor = processor
         self.val_task = val_task
         self.seed = seed
-        self.shards: ShardSet | None = None
-        self.val_urls: list[str] = []
-        self.val_available = 0
-
-    def prepare_data(self) -> None:  # rank 0 of each node: build missing shards
-        ensure_shards(self.cfg, self.processor.max_images)
-
-    def setup(self, stage: str | None = None) -> None:
-        manifest = load_manifest(self.cfg.shards)
-        self.shards = shard_set(self.cfg.shards, manifest, list(self.cfg.sources))
-        if self.cfg.val_samples and self.cfg.val_split == "heldout":
-            self.shards, self.val_urls, self.val_available = hold_out(self.shards, self.cfg.val_shards)
-        rank, world = self._rank_world()
-        if not self.cfg.resampled and world > 1:
-            raise ValueError(
-                f"data.resampled=false with {world} ranks: ranks would see different batch counts and "
-                "DDP would hang at the end of the epoch; set data.resampled=true for multi-rank training"
-            )
-        shards = min(len(u) for u in self.shards.urls.values())
-        if not self.cfg.resampled and shards < max(1, self.cfg.num_workers):
-            log.warning("only %d shards for %d workers: some workers will idle", shards, self.cfg.num_workers)
+        self.train_catalog: Catalog | None = None
+        self.val_catalog: Catalog | None = None
+        self.weights: dict[str, float] = {}
+        self.setup_skips: dict[str, int] = {}
+        self._train_loader: PlannedLoader | None = None
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -124,31 +125,68 @@ class FVLDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return 0, 1
 
-    def train_dataloader(self) -> DataLoader:
+    def prepare_data(self) -> None:  # local rank 0 of each node, before the others set up
+        ensure_shards(self.cfg, self.processor.max_images, self._rank_world()[1])
+
+    def setup(self, stage: str | None = None) -> None:
+        folder = Path(self.cfg.shards)
+        if not (folder / MANIFEST).exists() and self._rank_world()[1] == 1:
+            self.prepare_data()  # used outside a Trainer: nothing has prepared the data yet
+        manifest = load_manifest(folder)
+        check_recipe(manifest, folder, resolve_recipe_path(self.cfg.recipe))
+        shards = shard_set(folder, manifest, list(self.cfg.sources))
+        held: ShardSet | None = None
+        if self.cfg.val_samples and self.cfg.val_split == "heldout":
+            shards, held = hold_out(shards, self.cfg.val_shards)
+        self.weights = read_weights(self.cfg, list(shards.urls))
+        self.train_catalog = Catalog.build(shards.urls, shards.shard_samples)
+        self.val_catalog = Catalog.build(held.urls, held.shard_samples) if held else None
+        self.setup_skips = {"corrupt_shard": sum(self.train_catalog.missing.values())}
+        if self.setup_skips["corrupt_shard"]:
+            log.warning(
+                "damaged shards: %s samples listed in %s cannot be read and are skipped (rebuild with "
+                "fvl shards build)", self.train_catalog.missing, folder / MANIFEST
+            )  # fmt: skip
+
+    def plan(self) -> EpochBatches:
+        """This rank's epoch plan over the training catalog."""
         rank, world = self._rank_world()
-        dataset = make_dataset(self.cfg, self.shards, self.processor, rank, world, self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=None,
+        settings = PlanSettings(
+            self.seed,
+            self.weights,
+            world,
+            rank,
+            self.cfg.batch_size,
+            self.cfg.length_window if self.cfg.group_by_length else 0,
+        )
+        lengths, has_image = self.train_catalog.length_hints(self.processor.image_tokens)
+        return EpochBatches(self.train_catalog.sources, settings, lengths, has_image)
+
+    def train_dataloader(self) -> PlannedLoader:
+        plan = self.plan()
+        if len(plan) == 0:
+            raise ValueError(f"{self.cfg.shards}: nothing to train on (no samples, or every weight 0)")
+        self._train_loader = PlannedLoader(
+            ShardReader(self.train_catalog, self.processor),
+            plan,
             num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The data position advances as a batch enters its training step: batches that workers or the
+        # trainer's fetcher read ahead are not counted, so a checkpoint records exactly what was trained.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.trained()
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.cfg.val_samples:
             return []
         if self.cfg.val_split == "heldout":
-            rank, world = self._rank_world()
-            per_rank = min(self.cfg.val_samples, self.val_available) // world
-            if per_rank == 0:
-                raise ValueError(
-                    f"data.val_split=heldout: {self.val_available} held-out samples for {world} ranks"
-                )
-            return DataLoader(
-                heldout_dataset(self.val_urls, self.processor, self.cfg.batch_size, per_rank, rank, world),
-                batch_size=None,
-            )
+            return self._heldout_loader()
         samples = []
         for i in range(self.cfg.val_samples):
             s = generate(i, "val", self.seed)  # drawn at 64 px; the processor resizes for the tower
@@ -158,3 +196,35 @@ class FVLDataModule(L.LightningDataModule):
             batch_size=self.cfg.batch_size,
             collate_fn=lambda b: collate(b, self.processor.pad_token_id),
         )
+
+    def _heldout_loader(self) -> DataLoader:
+        """The first ``val_samples`` held-out samples in file order, every ``world``-th from ``rank``: every
+        rank validates on as many samples (no DDP hang)."""
+        rank, world = self._rank_world()
+        per_rank = min(self.cfg.val_samples, len(self.val_catalog)) // world
+        if per_rank == 0:
+            raise ValueError(
+                f"data.val_split=heldout: {len(self.val_catalog)} held-out samples for {world} ranks"
+            )
+        ids = list(range(rank, per_rank * world, world))
+        batches = [ids[i : i + self.cfg.batch_size] for i in range(0, len(ids), self.cfg.batch_size)]
+        return DataLoader(
+            ShardReader(self.val_catalog, self.processor), sampler=batches, batch_size=None, collate_fn=as_is
+        )
+
+
+def build_datamodule(
+    cfg: DictConfig | Any, stage: str | None = None, processor: Processor | None = None
+) -> FVLDataModule:
+    """The DataModule of a loaded experiment config (``fvl.config.load``), without building the model.
+
+    stage: a stage name whose YAML applies on top of ``cfg`` (its sources, resize mode and validation task);
+    None keeps ``cfg.stage``. processor: reuse one (the model's); default: built from ``cfg.model``."""
+    from fvl.config import as_experiment, with_stage
+    from fvl.models.processor import build_processor
+
+    exp = as_experiment(with_stage(cfg, stage) if stage else cfg)
+    if processor is None:
+        processor = build_processor(exp.model)
+    processor = processor.with_resize_mode(exp.stage.resize_mode)
+    return FVLDataModule(exp.data, processor, exp.stage.val_task, exp.seed)

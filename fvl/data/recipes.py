@@ -6,7 +6,7 @@ sources:
     format: llava_json            # llava_json | caption_jsonl | synthetic
     annotations: llava_v1_5_mix665k.json   # relative paths resolve against the recipe's folder
     image_root: images/
-    weight: 1.0                   # mixing weight when several sources are read together
+    weight: 1.0                   # mixing weight, read at training time (changing it rebuilds no shard)
     max_samples: null             # keep only the first N items
 shards:
   samples_per_shard: 1000
@@ -15,7 +15,9 @@ shards:
 ```
 A ``synthetic`` source takes ``split``, ``num_samples``, ``image_size``, ``seed``, ``task`` (``caption`` |
 ``qa``) and ``kinds`` instead of files. Unknown keys, missing files and bad weights are errors that name the
-recipe and the key.
+recipe and the key. ``llava_json`` also reads JSON lines when the file name ends in ``.jsonl``. Every field
+but ``weight``, and the ``shards`` settings, are part of the shards' fingerprint: changing one rebuilds that
+source's shards on the next ``fvl shards build`` into the same folder.
 """
 
 from __future__ import annotations

@@ -1,20 +1,29 @@
 """Reading recipe sources into WebDataset samples, with every bad input skipped and named by reason.
 
-``read_items(source)`` lists a source's raw items (annotation entries, or indices for ``synthetic``);
+``read_items(source)`` streams a source's raw items (annotation entries, or indices for ``synthetic``) in
+file order without holding the file in memory: a LLaVA JSON array is parsed item by item with ``ijson``,
+JSON lines (``caption_jsonl``, or ``llava_json`` whose file name ends in ``.jsonl``) line by line.
 ``encode_item(source, item, index)`` turns one into a sample dict for ``ShardWriter`` or raises ``Skip``.
-A sample holds the image bytes (``jpg`` when the file already is an RGB JPEG, else a lossless ``png`` after
-conversion to RGB; several images become ``img0.<ext>``, ``img1.<ext>`` ...) and ``json``: the
-conversations in the LLaVA schema, the source name, the id and ``image_keys`` in placeholder order.
+A sample holds the image bytes and ``json``: the conversations in the LLaVA schema, the source name, the id
+and ``image_keys`` in placeholder order; several images become ``img0.<ext>``, ``img1.<ext>`` ... Images
+keep their format: RGB JPEG/PNG files pass through byte for byte, other JPEGs (CMYK, grayscale) become RGB
+JPEGs (quality ``JPEG_QUALITY``), everything else a lossless RGB PNG.
+
+Image paths are checked as written in the annotation (no absolute path, no ``..``), not after resolving
+symlinks: LLaVA's usual layout links dataset folders into the image root (``images/coco -> /datasets/coco``).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ijson
 from PIL import Image
 
 from fvl.data.recipes import SourceConfig
@@ -24,6 +33,9 @@ from fvl.text.templates import TemplateError, normalize_conversation
 
 IMAGE_TOKEN = "<image>"
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb threshold, made an error instead of a warning
+# Non-RGB JPEGs are re-encoded as JPEG: a lossless PNG of a photo is 3-10x larger, and at 95 the loss is far
+# below what the tower's resize to 384/768 px keeps.
+JPEG_QUALITY = 95
 
 SKIP_REASONS = (
     "bad_json",
@@ -47,39 +59,63 @@ class Skip(Exception):
         self.reason = reason
 
 
-def read_items(source: SourceConfig) -> list[Any]:
-    """The source's items in their file order, ``max_samples`` applied."""
+def read_items(source: SourceConfig) -> Iterator[Any]:
+    """The source's items in their file order, ``max_samples`` applied, streamed: the annotation file is
+    opened once, when iteration starts, and never held in memory whole."""
     if source.format == "synthetic":
-        items: list[Any] = list(range(source.num_samples))
+        items: Iterator[Any] = iter(range(source.num_samples))
     elif source.format == "llava_json":
-        with open(source.annotations, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, list):
-            raise ValueError(f"{source.annotations}: a LLaVA JSON file must hold a list of samples")
-        items = data
+        items = _json_lines(source.annotations) if is_json_lines(source) else _json_array(source.annotations)
     elif source.format == "caption_jsonl":
-        items = []
-        with open(source.annotations, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    items.append(line)  # parsed per item, so that one bad line is one counted skip
+        items = _json_lines(source.annotations)
     else:
         raise ValueError(f"unknown source format {source.format!r}")
-    return items[: source.max_samples] if source.max_samples is not None else items
+    return items if source.max_samples is None else itertools.islice(items, source.max_samples)
+
+
+def is_json_lines(source: SourceConfig) -> bool:
+    """Whether the source's items are JSON lines (parsed per item by ``encode_item``)."""
+    return source.format == "caption_jsonl" or str(source.annotations).endswith(".jsonl")
+
+
+def _json_lines(path: str | None) -> Iterator[str]:
+    with open(str(path), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line  # parsed per item, so that one bad line is one counted skip
+
+
+def _json_array(path: str | None) -> Iterator[Any]:
+    """The elements of the top-level JSON array in ``path``, one at a time (numbers as plain floats)."""
+    with open(str(path), "rb") as f:
+        if _first_char(f) != b"[":
+            raise ValueError(f"{path}: a LLaVA JSON file must hold a list of samples")
+        f.seek(0)
+        try:
+            yield from ijson.items(f, "item", use_float=True)
+        except ijson.JSONError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def _first_char(f: Any) -> bytes:
+    """The first byte of a binary file that is not JSON whitespace (b"" when there is none)."""
+    while block := f.read(1 << 16):
+        stripped = block.lstrip(b" \t\r\n")
+        if stripped:
+            return stripped[:1]
+    return b""
 
 
 def safe_image_path(image_root: str | None, relative: Any) -> Path:
-    """The image file under ``image_root``; absolute paths and paths escaping the root are rejected."""
-    if not isinstance(relative, str) or not relative.strip():
+    """The image file under ``image_root``. The path *as written in the annotation* must stay under the root
+    (not absolute, no ``..`` part); symlinks inside the root are followed wherever they point, since the
+    dataset folders are usually linked in (``images/coco -> /datasets/coco``) by whoever set up the root."""
+    if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
         raise Skip("bad_image_path", repr(relative))
     rel = Path(relative)
     if rel.is_absolute() or ".." in rel.parts:
         raise Skip("bad_image_path", relative)
-    root = Path(image_root or ".").resolve()
-    path = (root / rel).resolve()
-    if root not in path.parents:
-        raise Skip("bad_image_path", relative)
-    return path
+    return Path(image_root or ".") / rel
 
 
 def load_image_bytes(path: Path) -> tuple[bytes, str]:
@@ -93,6 +129,8 @@ def load_image_bytes(path: Path) -> tuple[bytes, str]:
 
 
 def image_bytes(data: bytes, where: str = "") -> tuple[bytes, str]:
+    """``(bytes, extension)`` of an image that decodes completely, in the format it is stored as (see the
+    module docstring), or ``Skip``."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -108,9 +146,14 @@ def image_bytes(data: bytes, where: str = "") -> tuple[bytes, str]:
             raise Skip("unreadable_image", f"{where} {type(e).__name__}: {e}") from None
     if image.width == 0 or image.height == 0:
         raise Skip("empty_image", where)
-    if image.mode == "RGB" and image.format in ("JPEG", "PNG"):
-        return data, "jpg" if image.format == "JPEG" else "png"
+    # A camera's MPO is a JPEG with extra frames after the first, which is all a JPEG decoder reads.
+    jpeg = image.format in ("JPEG", "MPO")
+    if image.mode == "RGB" and (jpeg or image.format == "PNG"):
+        return data, "jpg" if jpeg else "png"
     out = io.BytesIO()
+    if jpeg:  # CMYK or grayscale: a photo, where PNG would be 3-10x larger
+        to_rgb(image).save(out, format="JPEG", quality=JPEG_QUALITY)
+        return out.getvalue(), "jpg"
     to_rgb(image).save(out, format="PNG")
     return out.getvalue(), "png"
 
@@ -153,6 +196,16 @@ def _sample(key: str, images: list[tuple[bytes, str]], meta: dict[str, Any]) -> 
     return sample
 
 
+def _parse_line(line: str) -> dict[str, Any]:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise Skip("bad_json", str(e)) from None
+    if not isinstance(item, dict):
+        raise Skip("bad_json", "a line must hold an object")
+    return item
+
+
 def encode_item(source: SourceConfig, item: Any, index: int, max_images: int = 0) -> dict[str, Any]:
     """One raw item -> a WebDataset sample dict (or ``Skip``). ``max_images`` > 0: a sample with more images
     can never fit the model and is skipped as ``too_many_images``."""
@@ -173,13 +226,9 @@ def encode_item(source: SourceConfig, item: Any, index: int, max_images: int = 0
         }  # fmt: skip
         return _sample(key, [(buf.getvalue(), "png")], meta)
 
+    if is_json_lines(source):
+        item = _parse_line(item)
     if source.format == "caption_jsonl":
-        try:
-            item = json.loads(item)
-        except json.JSONDecodeError as e:
-            raise Skip("bad_json", str(e)) from None
-        if not isinstance(item, dict):
-            raise Skip("bad_json", "a line must hold an object")
         caption = item.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise Skip("empty_turn", "empty caption")

@@ -56,7 +56,7 @@ def _features(model, n: int, seed: int, batch: int = 64) -> tuple[dict[str, torc
     tok = model.tokenizer
     for start in range(0, n, batch):
         samples = [generate(i, "train", seed) for i in range(start, min(n, start + batch))]
-        px = torch.stack([transform(s.image) for s in samples])
+        px = transform.normalize(torch.stack([transform(s.image) for s in samples]))  # the tower takes floats
         for name, feat in v.features(px).items():
             vision.setdefault(name, []).append(feat.float())
         enc = tok([s.caption for s in samples], add_special_tokens=False, padding=True, return_tensors="pt")

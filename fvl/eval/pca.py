@@ -45,7 +45,8 @@ def pca_panels(
     model, image: Image.Image, names: list[str] | None = None, threshold: float = 0.5
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     v = model.vision
-    px = v.transform("square")(image)[None]
+    transform = v.transform("square")
+    px = transform.normalize(transform(image))[None]  # the tower itself takes normalised floats
     feats = v.features(px, names)
     start = 1 if getattr(v, "keep_pooled_token", False) else 0  # a kept pooled token is not on the grid
     return {name: feature_pca(f[0, start:], threshold) for name, f in feats.items()}

@@ -33,7 +33,7 @@ class ImageTokenMismatch(ValueError):
     """The input ids hold a different number of image placeholders than the images supplied need."""
 
 
-ImageInput = Image.Image | torch.Tensor | None
+ImageInput = Image.Image | bytes | torch.Tensor | None
 
 
 class FlorenceVL(nn.Module):
@@ -78,11 +78,14 @@ class FlorenceVL(nn.Module):
         return any(p.requires_grad for p in self.vision.parameters())
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> ``[B, num_image_tokens, d_llm]``. The tower runs without autograd only when
-        none of its parameters train (a frozen tower), never when a stage trains it."""
+        """``[B, 3, H, W]`` -> ``[B, num_image_tokens, d_llm]``. ``uint8`` images (what the processor makes)
+        are normalised here, on their device, in float32 and then cast to the tower's dtype; float pixels
+        are taken as already normalised. The tower runs without autograd only when none of its parameters
+        train (a frozen tower), never when a stage trains it."""
         tower_dtype = next(p.dtype for p in self.vision.parameters() if p.is_floating_point())
+        pixels = self.processor.transform.normalize(pixel_values).to(tower_dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
-            features = self.vision.features(pixel_values.to(tower_dtype), self.fusion.names)
+            features = self.vision.features(pixels, self.fusion.names)
         fused = self.fusion(features)
         first = next(self.projector.parameters())
         return self.projector(fused.to(first.dtype))
@@ -118,21 +121,29 @@ class FlorenceVL(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
         """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
-        ``pixel_values`` (all images of the batch, in placeholder order). Returns the LLM output; ``.loss``
-        is the mean over supervised tokens."""
+        ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float).
+        Returns the LLM output; ``.loss`` is the mean over supervised tokens."""
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"))
         return self.llm(
             inputs_embeds=embeds, attention_mask=batch.get("attention_mask"), labels=batch.get("labels")
         )
 
     # ---- inference -----------------------------------------------------------------------------------------
-    def preprocess(self, images: Sequence[Image.Image], mode: str = "pad") -> torch.Tensor:
-        """PIL images -> normalised ``[N, 3, S, S]`` at the tower's resolution."""
+    def preprocess(self, images: Sequence[Image.Image | bytes], mode: str = "pad") -> torch.Tensor:
+        """PIL images or encoded bytes -> ``uint8 [N, 3, S, S]`` at the tower's resolution (``encode_images``
+        normalises them)."""
         if not images:
             size = self.vision.image_size
-            return torch.empty(0, 3, size, size)
-        transform = self.processor.transform.with_mode(mode)
-        return torch.stack([transform(im) for im in images])
+            return torch.empty(0, 3, size, size, dtype=torch.uint8)
+        processor = self.processor.with_resize_mode(mode)
+        return torch.stack([processor.image(im) for im in images])
+
+    def _stack_pixels(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """One batch of images: uint8 stays uint8 (normalised on the device); a mix with normalised floats
+        is normalised here, since a stack needs one dtype."""
+        if all(p.dtype == torch.uint8 for p in pixels):
+            return torch.stack(pixels)
+        return torch.stack([self.processor.transform.normalize(p) for p in pixels])
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
         """The repeated blocks of the tower and the LLM: FSDP wrap units (and checkpointing units)."""
@@ -152,8 +163,9 @@ class FlorenceVL(nn.Module):
     ) -> list[str]:
         """Greedy answers (KV cache on) for a batch of prompts, each with zero, one or several images.
 
-        ``images[i]`` is a PIL image, a preprocessed ``[3, S, S]`` tensor, ``None`` (text-only) or a list of
-        those. A prompt without the image placeholder gets one ``<image>\\n`` per image in front."""
+        ``images[i]`` is a PIL image, encoded image bytes, a preprocessed ``[3, S, S]`` tensor (``uint8``, or
+        normalised float), ``None`` (text-only) or a list of those. A prompt without the image placeholder
+        gets one ``<image>\\n`` per image in front."""
         if images is None:
             images = [None] * len(prompts)
         if len(images) != len(prompts):
@@ -176,7 +188,7 @@ class FlorenceVL(nn.Module):
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left padding
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        pixel_values = torch.stack(pixels).to(device) if pixels else None
+        pixel_values = self._stack_pixels(pixels).to(device) if pixels else None
         embeds = self.embed(input_ids, pixel_values)
         generate_kwargs.setdefault("do_sample", False)
         out = self.llm.generate(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from PIL import Image
 
 from fvl.data.collate import Sample
@@ -23,14 +24,18 @@ from fvl.models.vision import VISION_TOWERS
 from fvl.models.vision.transform import ImageTransform
 from fvl.text import ChatTemplate, get_template
 
+ImageSource = Image.Image | bytes  # an open image, or encoded bytes (decoded once, at the size needed)
+
 
 @dataclass
 class Processor:
-    """Conversation + images -> ``Sample`` (token ids, exact labels, image tensors); picklable for workers.
+    """Conversation + images -> ``Sample`` (token ids, exact labels, ``uint8`` image tensors); picklable for
+    workers. The model normalises the images on its device (``FlorenceVL.encode_images``).
 
     tokenizer: the LLM tokenizer with ``image_token`` / ``image_token_id``.
     template: the chat template that builds ids and labels turn by turn.
-    transform: PIL image -> ``[3, S, S]`` tensor for the vision tower (its resize mode included).
+    transform: encoded bytes or a PIL image -> ``uint8 [3, S, S]`` for the vision tower (its resize mode
+        included), and the normalisation the model applies.
     image_tokens: LLM tokens per image after fusion (each placeholder expands to this many ids).
     max_length: longest tokenized sample (truncation keeps every image whole).
     min_text_tokens: the text budget a sample needs beside its images.
@@ -58,12 +63,20 @@ class Processor:
         return dataclasses.replace(self, transform=self.transform.with_mode(mode))
 
     def __call__(
-        self, conversations: list[dict], images: Sequence[Image.Image], sample_id: str = ""
+        self, conversations: list[dict], images: Sequence[ImageSource], sample_id: str = ""
     ) -> Sample:
+        """Tokenise, then make each image (encoded bytes are decoded once, at the size needed). Raises
+        ``TemplateError`` for a bad conversation and ``ImageError`` (``.reason``) for bad image bytes."""
         t = self.template.tokenize(
             conversations, self.tokenizer, self.image_tokens, self.max_length, num_images=len(images)
         )
-        return Sample(t.input_ids, t.labels, [self.transform(im) for im in images], sample_id)
+        return Sample(t.input_ids, t.labels, [self.image(im, sample_id) for im in images], sample_id)
+
+    def image(self, image: ImageSource, where: str = "") -> torch.Tensor:
+        """One image -> ``uint8 [3, S, S]``."""
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self.transform.decode(bytes(image), where)
+        return self.transform(image)
 
 
 def image_tokens_for(cfg: ModelConfig, strict: bool = True) -> int | None:

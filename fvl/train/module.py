@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from fvl.config import ExperimentConfig, as_experiment
+from fvl.data.reader import STREAM_SKIP_REASONS
 from fvl.models import build_model, load_model_weights, set_trainable
 from fvl.registry import Registry
 from fvl.train.adapters import apply_lora
@@ -37,7 +38,10 @@ class FVLModule(L.LightningModule):
         self.trainable_counts = set_trainable(
             self.model, cfg.stage.trainable, llm_adapters_only=cfg.train.lora.enabled, label=cfg.stage.name
         )
-        self.skipped_total = 0
+        # Samples the data skipped, by reason: this rank's since the last sum, and the sum over ranks so far.
+        self._skipped = torch.zeros(len(STREAM_SKIP_REASONS), dtype=torch.float64)
+        self.skipped: dict[str, int] = {}
+        self._restored_skips = False
         self._last_time: float | None = None
         self._window = {"samples": 0, "tokens": 0}
 
@@ -48,8 +52,9 @@ class FVLModule(L.LightningModule):
         }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # Counts arrive as Python ints computed on the loader's side: no host sync per step.
-        self.skipped_total += int(batch.get("skipped", 0))
+        # Counts arrive as Python numbers computed on the loader's side: no host sync per step.
+        for reason, count in batch.get("skipped", {}).items():
+            self._skipped[STREAM_SKIP_REASONS.index(reason)] += count
         loss = self.model(self._model_inputs(batch)).loss
         n = batch["input_ids"].shape[0]
         self._window["samples"] += n
@@ -57,7 +62,49 @@ class FVLModule(L.LightningModule):
             batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if "padding_fraction" in batch:
+            self.log("train/padding_fraction", float(batch["padding_fraction"]), rank_zero_only=True)
         return loss
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def on_train_start(self) -> None:
+        # Samples a damaged shard lost are found by every rank alike at setup: count them once (and not
+        # again when a resumed run restored the totals).
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.trainer.is_global_zero and dm is not None and not self._restored_skips:
+            for reason, count in getattr(dm, "setup_skips", {}).items():
+                self._skipped[STREAM_SKIP_REASONS.index(reason)] += count
+
+    def sum_skipped(self) -> dict[str, float]:
+        """Add every rank's skip counts into ``skipped`` (one small collective: every rank calls it at the
+        same step) and return the metrics to log: ``data/skipped/<reason>`` and ``train/skipped_samples``."""
+        counts = self._skipped.to(self.device, torch.float32)
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self._skipped.zero_()
+        for reason, count in zip(STREAM_SKIP_REASONS, counts.tolist(), strict=True):
+            if count:
+                self.skipped[reason] = self.skipped.get(reason, 0) + int(round(count))
+        metrics = {f"data/skipped/{r}": float(c) for r, c in self.skipped.items()}
+        metrics["train/skipped_samples"] = float(self.skipped_total)
+        return metrics
+
+    def on_train_end(self) -> None:
+        metrics = self.sum_skipped()  # self.log is closed here: write through the logger
+        if self.trainer.is_global_zero and self.logger is not None:
+            self.logger.log_metrics(metrics, step=self.trainer.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Every rank builds the checkpoint, so the sum is a matching collective; a resume continues the totals.
+        self.sum_skipped()
+        checkpoint["fvl_skipped"] = dict(self.skipped)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped = dict(checkpoint.get("fvl_skipped", {}))
+        self._restored_skips = "fvl_skipped" in checkpoint
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Throughput per optimizer step, over the whole world (samples / tokens per second).
@@ -77,7 +124,9 @@ class FVLModule(L.LightningModule):
             self.log(f"train/lr/{group.get('name', 'group')}", group["lr"], rank_zero_only=True)
         main = next((g for g in groups if not str(g.get("name", "")).startswith("vision")), groups[0])
         self.log("train/lr", main["lr"], rank_zero_only=True)
-        self.log("train/skipped_samples", float(self.skipped_total), rank_zero_only=True)
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            for key, value in self.sum_skipped().items():
+                self.log(key, value, rank_zero_only=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The total gradient norm as one device tensor (no sync per parameter). Sharded strategies (FSDP,

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from fvl.config import ExperimentConfig, as_experiment, to_yaml
 from fvl.data.datamodule import FVLDataModule
+from fvl.data.datamodule import build_datamodule as data_module_of
 from fvl.models.checkpoint import save_checkpoint
 from fvl.runs import is_rank_zero
 from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start
@@ -85,8 +86,7 @@ def _run(
 
 def build_datamodule(cfg: ExperimentConfig, module: FVLModule) -> FVLDataModule:
     """The stage's data, prepared by the model's processor with the stage's resize mode."""
-    processor = module.model.processor.with_resize_mode(cfg.stage.resize_mode)
-    return FVLDataModule(cfg.data, processor, cfg.stage.val_task, cfg.seed)
+    return data_module_of(cfg, processor=module.model.processor)
 
 
 _ONE_FILE = {"save_top_k": 1, "enable_version_counter": False}  # one file per name, overwritten
@@ -157,7 +157,7 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()]
         if cfg.trainer.strategy not in ("fsdp",) and "deepspeed" not in cfg.trainer.strategy
         else None,
-        use_distributed_sampler=False,  # shards are split by rank and worker in the data pipeline
+        use_distributed_sampler=False,  # each rank's share is planned by the data module (fvl.data.plan)
         enable_progress_bar=cfg.trainer.progress,
         enable_model_summary=False,
         default_root_dir=str(start.run.path),

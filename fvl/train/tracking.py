@@ -131,6 +131,8 @@ class TrackingCallback(L.Callback):
         client, run_id = self._client(trainer)
         client.set_tag(run_id, "steps", str(trainer.global_step))
         client.set_tag(run_id, "skipped_samples", str(getattr(pl_module, "skipped_total", 0)))
+        for reason, count in sorted(getattr(pl_module, "skipped", {}).items()):
+            client.set_tag(run_id, f"skipped.{reason}", str(count))
 
     def record_result(self, trainer: L.Trainer, result: RunResult) -> None:
         """The run's outcome: checkpoint tags, ``val/final_loss`` and the summary in ``run.json``."""

@@ -2,16 +2,24 @@
 
 import io
 import json
+import logging
+import os
 import tarfile
+import tracemalloc
+from collections import Counter
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
 from fvl.data import shards as shards_mod
-from fvl.data.recipes import RecipeError, load_recipe
+from fvl.data import sources as sources_mod
+from fvl.data.recipes import RecipeError, SourceConfig, load_recipe
 from fvl.data.shards import build, merge
+from fvl.data.sources import Skip, encode_item, image_bytes, read_items
 from fvl.data.synthetic import GENERATOR_VERSION
+from fvl.data.tarindex import load_index
 from tests.fixtures import BAD_CAPTIONS, BAD_LLAVA, GOOD_CAPTIONS, GOOD_LLAVA, write_sources
 
 
@@ -41,13 +49,20 @@ def test_every_bad_input_is_counted_by_reason_and_every_good_one_kept(whole, rec
     assert manifest["sources"]["llava"]["written"] == len(GOOD_LLAVA)
     assert manifest["sources"]["captions"]["skipped"] == BAD_CAPTIONS
     assert manifest["sources"]["captions"]["written"] == GOOD_CAPTIONS
-    assert manifest["sources"]["synth"] == {
+    synth = dict(manifest["sources"]["synth"])  # a copy: the module fixture is shared
+    fingerprint = synth.pop("fingerprint")
+    assert synth == {
         "written": 30,
         "skipped": {},
         "weight": 1.0,
         "format": "synthetic",
         "generator_version": GENERATOR_VERSION,
     }
+    assert fingerprint["generator_version"] == GENERATOR_VERSION and fingerprint["samples_per_shard"] == 4
+    assert "weight" not in fingerprint["source"] and fingerprint["source"]["num_samples"] == 30
+    llava_print = manifest["sources"]["llava"]["fingerprint"]
+    assert llava_print["annotations"]["size"] == (recipe_path.parent / "llava.json").stat().st_size
+    assert manifest["recipe_name"] == "recipe" and manifest["recipe"] == str(recipe_path)
     samples = read_back(out, manifest)
     assert set(GOOD_LLAVA) <= set(samples) and {"c0", "c1", "c2"} <= set(samples)
     assert (
@@ -55,19 +70,22 @@ def test_every_bad_input_is_counted_by_reason_and_every_good_one_kept(whole, rec
         == len(samples)
         == len(GOOD_LLAVA) + GOOD_CAPTIONS + 30
     )
-    # an RGB JPEG passes through byte for byte; every other mode is converted to an RGB PNG
+    # an RGB JPEG passes through byte for byte, a CMYK JPEG stays a JPEG; every other mode becomes an RGB PNG
     assert samples["rgb_jpg"][0]["jpg"] == (recipe_path.parent / "images" / "rgb.jpg").read_bytes()
-    for sid in ["gray_png", "rgba_png", "palette_png", "cmyk_jpg", "i16_png"]:
+    for sid, ext in [("gray_png", "png"), ("rgba_png", "png"), ("palette_png", "png"), ("cmyk_jpg", "jpg"),
+                     ("i16_png", "png")]:  # fmt: skip
         raw, meta = samples[sid]
-        assert meta["image_keys"] == ["png"]
-        assert Image.open(io.BytesIO(raw["png"])).mode == "RGB"
+        assert meta["image_keys"] == [ext]
+        assert Image.open(io.BytesIO(raw[ext])).mode == "RGB"
     assert samples["text_only"][1]["image_keys"] == [] and "jpg" not in samples["text_only"][0]
     assert samples["two_images"][1]["image_keys"] == ["img0.jpg", "img1.png"]
     assert samples["c0"][1]["conversations"][1]["value"] == "caption 0"
     # manifest shape and integrity
     for sh in manifest["shards"]:
-        assert set(sh) >= {"path", "samples", "bytes", "sha256"}
+        assert set(sh) >= {"path", "samples", "bytes", "sha256", "index", "source"}
         assert (out / sh["path"]).stat().st_size == sh["bytes"]
+        assert sh["index"] == sh["path"] + ".idx.npy" and len(load_index(out / sh["path"])) == sh["samples"]
+        assert (out / sh["index"]).is_file()
         with tarfile.open(out / sh["path"]) as tf:  # complete, readable tars
             assert all(m.mtime == 0 for m in tf.getmembers())
     assert not list(out.glob(".tmp-*"))
@@ -109,7 +127,18 @@ def test_interrupted_build_resumes_to_the_same_manifest(recipe_path, whole, tmp_
     victim = json.loads(record.read_text())
     record.unlink()
     (tmp_path / victim["shards"][0]["path"]).write_bytes(b"truncated")
+    # only the unfinished tasks are encoded again
+    finished = sum(json.loads(d.read_text())["items"] for d in tmp_path.glob("*.done.json"))
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "encode_item", counting)
     resumed = build(recipe, tmp_path)
+    total = sum(s["written"] + sum(s["skipped"].values()) for s in manifest["sources"].values())
+    assert 0 < counted["n"] == total - finished
     assert resumed["sources"] == manifest["sources"] and resumed["shards"] == manifest["shards"]
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -212,3 +241,280 @@ def test_training_derives_the_image_limit_from_the_model():
         load("florence_vl_3b", ["model.vision.init=random", "model.llm.init=random"]).model
     )
     assert processor.max_images == (2048 - 64) // 576 == 3  # a fourth image can never fit
+
+
+# ---- images behind symlinks, image formats -----------------------------------------------------------------
+def _conv():
+    return [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A thing."}]
+
+
+def test_images_behind_a_symlinked_folder_are_read(tmp_path):
+    outside = tmp_path / "datasets" / "coco"  # LLaVA's layout: images/coco -> /datasets/coco
+    outside.mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    for i in range(40):
+        (outside / f"{i}.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "secret.jpg").write_bytes(buf.getvalue())
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "coco").symlink_to(outside, target_is_directory=True)
+    items = [{"id": str(i), "image": f"coco/{i}.jpg", "conversations": _conv()} for i in range(40)]
+    items += [{"id": "up", "image": "../secret.jpg", "conversations": _conv()},
+              {"id": "abs", "image": str(tmp_path / "secret.jpg"), "conversations": _conv()}]  # fmt: skip
+    (root / "a.json").write_text(json.dumps(items))
+    recipe = write(
+        root, "sources:\n  - {name: a, format: llava_json, annotations: a.json, image_root: images}\n"
+    )
+    manifest = build(load_recipe(recipe), tmp_path / "out")
+    assert manifest["sources"]["a"]["written"] == 40
+    assert manifest["sources"]["a"]["skipped"] == {"bad_image_path": 2}  # the written path is still checked
+
+
+def _photo(mode: str) -> Image.Image:
+    """A 128 px picture that compresses like a photo: smooth shapes plus sensor noise, in ``mode``."""
+    x, y = np.meshgrid(np.linspace(0, 1, 128), np.linspace(0, 1, 128))
+    rgb = np.stack([x, y, (x + y) / 2], axis=-1) * 200 + 20
+    rgb[40:80, 40:80] = [230, 220, 30]
+    rgb += np.random.default_rng(0).normal(0, 6, rgb.shape)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L"])
+def test_non_rgb_jpegs_stay_jpegs(mode):
+    buf = io.BytesIO()
+    _photo(mode).save(buf, format="JPEG", quality=95)
+    data, ext = image_bytes(buf.getvalue())
+    assert ext == "jpg" and Image.open(io.BytesIO(data)).mode == "RGB"
+    png = io.BytesIO()
+    Image.open(buf).convert("RGB").save(png, format="PNG")
+    assert len(data) < len(png.getvalue())
+    # RGB PNGs pass through byte for byte; a palette PNG still becomes a lossless RGB PNG
+    rgb_png = io.BytesIO()
+    _photo("RGB").save(rgb_png, format="PNG")
+    assert image_bytes(rgb_png.getvalue()) == (rgb_png.getvalue(), "png")
+    palette = io.BytesIO()
+    _photo("P").save(palette, format="PNG")
+    data, ext = image_bytes(palette.getvalue())
+    assert ext == "png" and Image.open(io.BytesIO(data)).mode == "RGB"
+
+
+# ---- streamed annotations ----------------------------------------------------------------------------------
+def test_read_items_streams_a_large_llava_json(tmp_path):
+    path = tmp_path / "big.json"
+    long = "x" * 2500
+    with open(path, "w") as f:  # ~30 MB, written in pieces so that the test itself stays small
+        f.write("[")
+        for i in range(12_000):
+            item = {"id": i, "score": 0.5, "conversations": [{"from": "human", "value": long}]}
+            f.write(("," if i else "") + json.dumps(item))
+        f.write("]")
+    size = path.stat().st_size
+    assert size > 30e6
+    source = SourceConfig(name="big", format="llava_json", annotations=str(path))
+    tracemalloc.start()
+    try:
+        count, last = 0, None
+        for item in read_items(source):
+            count, last = count + 1, item
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 12_000 and peak < size / 3
+    assert type(last["score"]) is float and last["id"] == 11_999  # plain numbers, not Decimal
+    source.max_samples = 3
+    assert [x["id"] for x in read_items(source)] == [0, 1, 2]
+
+
+def test_llava_json_lines_and_bad_annotation_files(tmp_path):
+    text_only = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    lines = tmp_path / "a.jsonl"
+    lines.write_text(json.dumps({"id": "x", "conversations": text_only}) + "\n\n" + '{"id": \n')
+    source = SourceConfig(name="a", format="llava_json", annotations=str(lines))
+    good, bad = list(read_items(source))  # the blank line is no item
+    assert json.loads(encode_item(source, good, 0)["json"])["id"] == "x"
+    with pytest.raises(Skip, match="bad_json"):  # one bad line is one counted skip
+        encode_item(source, bad, 1)
+    not_a_list = tmp_path / "b.json"
+    not_a_list.write_text('  {"id": 1}')
+    with pytest.raises(ValueError, match=rf"{not_a_list}: a LLaVA JSON file must hold a list"):
+        list(read_items(SourceConfig(name="b", format="llava_json", annotations=str(not_a_list))))
+    broken = tmp_path / "c.json"
+    broken.write_text('[{"id": 1}, {"id": ')
+    with pytest.raises(ValueError, match=rf"{broken}: invalid JSON"):
+        list(read_items(SourceConfig(name="c", format="llava_json", annotations=str(broken))))
+
+
+# ---- rebuilds: fingerprints, stale files, parts ------------------------------------------------------------
+def synth_recipe(folder, per_shard, **sizes):
+    """A recipe of synthetic sources ``name=num_samples`` (32 px: cheap to draw)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"  - {{name: {name}, format: synthetic, num_samples: {n}, image_size: 32}}"
+        for name, n in sizes.items()
+    ]
+    return load_recipe(
+        write(folder, "sources:\n" + "\n".join(lines) + f"\nshards: {{samples_per_shard: {per_shard}}}\n")
+    )
+
+
+def on_disk(out):
+    """Sample keys per source in every tar of ``out`` (listed or not), and the sidecars and records there."""
+    keys = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            keys += [m.name.split(".")[0] for m in tf.getmembers() if m.name.endswith(".json")]
+    return keys, {p.name for p in out.glob("*.idx.npy")}, {p.name for p in out.glob("*.done.json")}
+
+
+def check_exact(out, manifest, source, n):
+    keys, sidecars, _ = on_disk(out)
+    assert manifest["sources"][source]["written"] == n == len(keys) == len(set(keys))
+    assert sidecars == {sh["index"] for sh in manifest["shards"]}  # no sidecar of an old shard is left
+
+
+def test_rebuilding_with_another_shard_size_never_duplicates(tmp_path, caplog):
+    out = tmp_path / "out"
+    build(synth_recipe(tmp_path, 100, s=200), out)
+    with caplog.at_level(logging.WARNING, logger="fvl.data.shards"):
+        manifest = build(synth_recipe(tmp_path, 37, s=200), out)
+    check_exact(out, manifest, "s", 200)
+    assert len(on_disk(out)[2]) == 6  # records of the 6 tasks of 37, none left of the 2 tasks of 100
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "samples_per_shard changed" in warned[0]
+    # back to larger tasks: the records beyond the new task count and a stray tar there go too
+    (out / "s-000009-000.tar").write_bytes(b"left by an interrupted build")
+    manifest = build(synth_recipe(tmp_path, 100, s=200), out)
+    check_exact(out, manifest, "s", 200)
+    assert not (out / "s-000009-000.tar").exists() and len(on_disk(out)[2]) == 2
+    # a listed tar that went missing is rebuilt, not trusted
+    (out / manifest["shards"][0]["path"]).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fvl.data.shards"):
+        assert build(synth_recipe(tmp_path, 100, s=200), out)["shards"] == manifest["shards"]
+    assert "shard files missing" in caplog.text
+
+
+def test_parts_rebuild_with_another_shard_size_without_removing_each_others_work(tmp_path):
+    out = tmp_path / "out"
+    build(synth_recipe(tmp_path, 100, s=200), out)
+    recipe = synth_recipe(tmp_path, 37, s=200)
+    build(recipe, out, part="0/2")
+    part0 = {p.name: p.stat().st_mtime_ns for p in out.glob("s-*")}
+    build(recipe, out, part="1/2", workers=2)
+    assert all((out / name).stat().st_mtime_ns == t for name, t in part0.items())  # part 0's files kept
+    check_exact(out, merge(out), "s", 200)
+    assert merge(out)["shards"] == build(recipe, tmp_path / "whole")["shards"]
+
+
+def test_a_source_is_not_confused_with_one_whose_name_extends_it(tmp_path):
+    out = tmp_path / "out"
+    build(synth_recipe(tmp_path, 4, **{"a": 10, "a-b": 10}), out)
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("a-b-*")}
+    manifest = build(synth_recipe(tmp_path, 4, **{"a": 5, "a-b": 10}), out)  # only a changed
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("a-b-*")} == kept
+    assert manifest["sources"]["a"]["written"] == 5 and manifest["sources"]["a-b"]["written"] == 10
+    assert len(on_disk(out)[0]) == 15
+
+
+def count_encodes(monkeypatch):
+    real, counted = shards_mod.encode_item, Counter()
+
+    def counting(source, *args, **kwargs):
+        counted[source.name] += 1
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "encode_item", counting)
+    return counted
+
+
+def test_a_changed_annotation_file_rebuilds_its_source(tmp_path, monkeypatch, caplog):
+    recipe_path = write_sources(tmp_path / "src")
+    out = tmp_path / "out"
+    first = build(load_recipe(recipe_path), out)
+    counted = count_encodes(monkeypatch)
+    assert build(load_recipe(recipe_path), out) == first and not counted  # nothing changed: nothing redone
+    annotations = recipe_path.parent / "llava.json"
+    st = annotations.stat()
+    os.utime(annotations, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    with caplog.at_level(logging.WARNING, logger="fvl.data.shards"):
+        assert build(load_recipe(recipe_path), out)["shards"] == first["shards"]
+    assert counted == {"llava": len(GOOD_LLAVA) + sum(BAD_LLAVA.values())}  # that source alone, all of it
+    assert "llava: " in caplog.text and "annotation file changed" in caplog.text
+    items = json.loads(annotations.read_text())
+    annotations.write_text(json.dumps([*items, {**items[0], "id": "added"}]))  # edited
+    edited = build(load_recipe(recipe_path), out)
+    assert edited["sources"]["llava"]["written"] == len(GOOD_LLAVA) + 1
+    assert "added" in read_back(out, edited)
+
+
+def test_each_annotation_file_is_read_once_per_build(recipe_path, tmp_path, monkeypatch):
+    from fvl.cli import main
+
+    real_open, opened = open, Counter()
+
+    def counting_open(file, *args, **kwargs):
+        opened[str(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(sources_mod, "open", counting_open, raising=False)
+    assert (
+        main(["shards", "build", str(recipe_path), "--out", str(tmp_path), "--workers", "2", "--quiet"]) == 0
+    )
+    folder = recipe_path.parent
+    assert opened == {str(folder / "llava.json"): 1, str(folder / "captions.jsonl"): 1}
+
+
+def test_build_cuts_streamed_items_into_tasks_as_they_come(tmp_path, monkeypatch):
+    real_read, real_run, pulled, started = shards_mod.read_items, shards_mod.run_task, Counter(), []
+
+    def reading(source):
+        for item in real_read(source):
+            pulled["n"] += 1
+            yield item
+
+    def running(source, task, items, *args):
+        started.append((task.index, pulled["n"]))
+        return real_run(source, task, items, *args)
+
+    monkeypatch.setattr(shards_mod, "read_items", reading)
+    monkeypatch.setattr(shards_mod, "run_task", running)
+    assert build(synth_recipe(tmp_path, 10, s=55), tmp_path / "out")["sources"]["s"]["written"] == 55
+    # task k starts once its items (and the one item that shows it is complete) are read, not the whole file
+    assert started == [(k, min(55, (k + 1) * 10 + 1)) for k in range(6)]
+
+
+def test_sidecars_land_before_their_tars_and_the_record_last(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_replace, landed = os.replace, []
+
+    def recording(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.path.dirname(os.fspath(dst)) == str(out):
+            landed.append(os.path.basename(os.fspath(dst)))
+
+    monkeypatch.setattr(os, "replace", recording)
+    recipe = synth_recipe(tmp_path, 10, s=10)
+    recipe.shards.max_shard_bytes = 3_000  # several tars in the task
+    manifest = build(recipe, out)
+    tars = [sh["path"] for sh in manifest["shards"]]
+    assert len(tars) > 1
+    expected = [name for tar in tars for name in (f"{tar}.idx.npy", tar)] + [
+        "s-000000.done.json",
+        "manifest.json",
+    ]
+    assert landed == expected
+    record = json.loads((out / "s-000000.done.json").read_text())
+    assert [sh["index"] for sh in record["shards"]] == [f"{tar}.idx.npy" for tar in tars]
+
+
+def test_a_camera_mpo_passes_through_as_jpeg():
+    from fvl.data.sources import image_bytes
+
+    buf = io.BytesIO()
+    first, second = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (64, 48), (30, 30, 200))
+    first.save(buf, format="MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    data, ext = image_bytes(buf.getvalue())
+    assert ext == "jpg" and data == buf.getvalue()  # kept byte for byte, not re-encoded as PNG

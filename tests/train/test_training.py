@@ -137,6 +137,51 @@ def test_resume_continues_at_the_same_step_and_lr(env):
         assert lr == pytest.approx(straight.by_step[step])
 
 
+class _Ids(L.Callback):
+    """The sample ids of every training batch, in order."""
+
+    def __init__(self):
+        self.ids = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ids.append(list(batch["ids"]))
+
+
+class _CrashAt(L.Callback):
+    """Dies as the batch after step ``step`` starts, as a killed job would (that step's checkpoint exists)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.slow
+def test_resume_continues_the_data_stream(env):
+    """Stopped mid-epoch, crashed after an epoch boundary, resumed with another worker count: the run reads
+    exactly the batches of an uninterrupted run, nothing replayed, nothing skipped."""
+    base = [
+        "trainer.max_steps=8", "data.val_samples=0", "train.global_batch_size=16",  # 2 batches a step
+        "data.weights.synthetic_caption=0.2",  # 40 samples: 5 batches an epoch, so 8 steps span 3 epochs
+    ]  # fmt: skip
+    straight = _Ids()
+    train(cfg_for(env, "pretrain.yaml", *base, "name=stream_straight"), callbacks=[straight])
+    assert len(straight.ids) == 14  # 3 steps an epoch: an epoch's odd fifth batch steps alone
+    stopped, crashed, resumed = _Ids(), _Ids(), _Ids()
+    train(cfg_for(env, "pretrain.yaml", *base, "name=stream"), callbacks=[stopped, _StopAt(2)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            cfg_for(env, "pretrain.yaml", *base, "name=stream", "resume=last", "data.num_workers=2",
+                    "train.checkpoint_every_n_steps=1"),
+            callbacks=[crashed, _CrashAt(5)],
+        )  # fmt: skip
+    train(cfg_for(env, "pretrain.yaml", *base, "name=stream", "resume=last"), callbacks=[resumed])
+    assert [len(p.ids) for p in (stopped, crashed, resumed)] == [4, 5, 5]  # steps 2 and 5 are mid-epoch
+    assert stopped.ids + crashed.ids + resumed.ids == straight.ids
+
+
 REAL_PRECISION = [
     "trainer.precision=bf16-mixed",
     "model.vision.frozen_dtype=bfloat16",
@@ -144,12 +189,41 @@ REAL_PRECISION = [
 ]
 
 
+def _corrupt_planned_samples(env, per_rank):
+    """A copy of the env's shards in which the first batches of each of two ranks hold ``per_rank[r]``
+    samples whose bytes are damaged; returns the copy's folder."""
+    import shutil
+
+    from fvl.data.config import DataConfig
+    from fvl.data.datamodule import ensure_shards
+    from fvl.data.plan import EpochBatches, PlanSettings
+    from fvl.data.reader import Catalog
+    from fvl.data.shardset import shard_set
+
+    cfg = DataConfig(recipe=str(env["root"] / "recipe.yaml"), shards=str(env["root"] / "shards"))
+    ensure_shards(cfg)
+    folder = env["root"] / "shards_damaged"
+    shutil.copytree(env["root"] / "shards", folder)
+    shards = shard_set(folder, json.loads((folder / "manifest.json").read_text()), ["synthetic_caption"])
+    catalog = Catalog.build(shards.urls, shards.shard_samples)
+    for rank, n in enumerate(per_rank):
+        settings = PlanSettings(0, {"synthetic_caption": 1.0}, 2, rank, 8)
+        first = EpochBatches(catalog.sources, settings, catalog.text_len, catalog.images > 0).batches(0)[0]
+        for i in first[:n]:
+            path = catalog.paths[catalog.shard[i]]
+            with open(path, "r+b") as f:
+                f.seek(int(catalog.start[i]))
+                f.write(b"\xff" * 512)  # the sample's first header no longer parses
+    return folder
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(env):
+    damaged = _corrupt_planned_samples(env, per_rank=[1, 2])
     cmd = [
         sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "pretrain.yaml"), *env["overrides"],
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "train.global_batch_size=16",
-        "data.val_samples=8", "name=ddp", *REAL_PRECISION,
+        "data.val_samples=8", "name=ddp", f"data.shards={damaged}", *REAL_PRECISION,
     ]  # fmt: skip
     res = subprocess.run(
         [*cmd, "trainer.max_steps=3"], capture_output=True, text=True, timeout=600, cwd=env["root"]
@@ -159,6 +233,9 @@ def test_two_process_ddp_on_cpu(env):
     assert len(runs) == 1 and runs[0]["steps"] == 3
     run = MlflowClient(env["uri"]).get_run(runs[0]["mlflow_run_id"])
     assert run.data.tags["grad_accumulation"] == "1"  # 16 = 8 per device x 2 processes
+    # damaged samples read by either rank are counted by reason, summed over the ranks, logged
+    assert run.data.tags["skipped.corrupt_shard"] == "3"
+    assert run.data.metrics["data/skipped/corrupt_shard"] == 3
     from fvl.models import load_checkpoint
 
     load_checkpoint(

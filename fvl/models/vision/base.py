@@ -82,6 +82,15 @@ class VisionTower(nn.Module, ABC):
     def wrap_classes(self) -> set[type[nn.Module]]:
         """Classes of this tower's repeated blocks: FSDP wrap units and activation-checkpointing units."""
 
+    @staticmethod
+    def check_pixels(pixel_values: torch.Tensor) -> None:
+        """The tower takes normalised float pixels: a ``uint8`` batch cast as is would be silently wrong."""
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"vision tower given {pixel_values.dtype} pixels: normalise uint8 images first with "
+                "transform.normalize (FlorenceVL.encode_images does)"
+            )
+
     def check_names(self, names: Sequence[str] | None) -> list[str]:
         if names is None:
             return list(self.feature_names)

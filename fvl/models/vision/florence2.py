@@ -175,6 +175,7 @@ class Florence2Tower(VisionTower):
     def features(
         self, pixel_values: torch.Tensor, names: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
+        self.check_pixels(pixel_values)
         names = self.check_names(names)
         image = self.image_tokens(pixel_values)
         start = 0 if self.keep_pooled_token else 1

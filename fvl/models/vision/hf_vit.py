@@ -83,6 +83,7 @@ class HFViTTower(VisionTower):
     def features(
         self, pixel_values: torch.Tensor, names: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
+        self.check_pixels(pixel_values)
         names = self.check_names(names)
         pixel_values = pixel_values.to(self.model.dtype)
         hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states

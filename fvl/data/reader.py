@@ -1,0 +1,259 @@
+"""Reading planned batches from shards: a catalog of every sample's place, a map-style dataset that turns a
+list of sample ids into a model-ready batch, and the DataLoader that saves and restores its position.
+
+Samples are read by random access (``fvl.data.tarindex``): one ``pread`` per sample, from any DataLoader
+worker, with no shared file offset and no per-worker shard split, so what a rank reads is fixed by its
+plan (``fvl.data.plan``) and the worker count changes nothing but speed. Put shards on a local or otherwise
+seekable disk.
+
+Every bad sample is skipped and counted by reason; a batch carries ``skipped`` (reason -> count) so the
+trainer can sum them over ranks and log them - nothing is dropped silently. A batch whose every sample is
+bad is refilled from the samples after it (deterministically, so a resume reads the same), and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from fvl.data.collate import Sample, collate
+from fvl.data.plan import EpochBatches, Sources
+from fvl.data.sources import SKIP_REASONS, Skip
+from fvl.data.tarindex import SPAN, load_index, parse_sample
+from fvl.models.processor import Processor
+from fvl.models.vision.transform import ImageError
+from fvl.text.templates import TemplateError
+
+# Every reason a stream can skip a sample for, in a fixed order (ranks sum their counts as one vector): the
+# build's reasons (shards built by another fvl may hold what this one would have skipped), damage, and what
+# only tokenisation finds.
+STREAM_SKIP_REASONS = (
+    "corrupt_shard",
+    *SKIP_REASONS,
+    "token_straddles",
+    "too_long",
+    "no_supervision",
+    "bad_conversation",
+    "refilled_batch",
+)
+MAX_REFILL_TRIES = 64
+
+
+def decode_sample(raw: dict[str, Any], processor: Processor) -> Sample:
+    """A raw shard sample (``json`` + image bytes) -> a model-ready ``Sample`` with uint8 images; bad input
+    raises ``Skip``. Each image is decoded once, at the size the tower needs."""
+    try:
+        meta = json.loads(raw["json"])
+        conversations = meta["conversations"]
+        keys = list(meta.get("image_keys", []))
+    except (KeyError, ValueError, TypeError) as e:
+        raise Skip("bad_json", f"{raw.get('__key__')}: {e}") from None
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        raise Skip("missing_image", f"{raw.get('__key__')}: no {missing}")
+    sample_id = str(meta.get("id") or raw.get("__key__", ""))
+    try:
+        return processor(conversations, [raw[k] for k in keys], sample_id)
+    except ImageError as e:  # its message names the sample already
+        raise Skip(e.reason, str(e)) from None
+    except TemplateError as e:
+        raise Skip(e.reason, f"{sample_id}: {e}") from None
+
+
+@dataclass
+class Catalog:
+    """Where every sample of a set of shards lies: its shard, its byte span, and the length hints that
+    length grouping sorts by. Sources occupy contiguous id ranges, in the order given.
+
+    missing: samples the manifest lists but a damaged shard no longer holds, per source (counted as
+    ``corrupt_shard``)."""
+
+    paths: list[str]
+    shard: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    text_len: np.ndarray
+    images: np.ndarray
+    sources: Sources
+    missing: dict[str, int]
+
+    @classmethod
+    def build(cls, urls: dict[str, list[str]], expected: dict[str, int]) -> Catalog:
+        """Index the shards of each source (sidecars, else a scan); ``expected`` is each shard's sample count
+        from the manifest."""
+        paths: list[str] = []
+        parts: list[np.ndarray] = []
+        shard_ids: list[np.ndarray] = []
+        ranges: dict[str, tuple[int, int]] = {}
+        missing: dict[str, int] = {}
+        first = 0
+        for name, source_urls in urls.items():
+            count = 0
+            for url in source_urls:
+                spans = load_index(url) if os.path.exists(url) else np.zeros(0, dtype=SPAN)
+                lost = max(0, expected.get(url, len(spans)) - len(spans))
+                if lost:
+                    missing[name] = missing.get(name, 0) + lost
+                shard_ids.append(np.full(len(spans), len(paths), dtype=np.int32))
+                paths.append(url)
+                parts.append(spans)
+                count += len(spans)
+            ranges[name] = (first, count)
+            first += count
+        spans = np.concatenate(parts) if parts else np.zeros(0, dtype=SPAN)
+        return cls(
+            paths,
+            np.concatenate(shard_ids) if shard_ids else np.zeros(0, dtype=np.int32),
+            spans["start"].astype(np.int64),
+            spans["end"].astype(np.int64),
+            spans["text_len"].astype(np.int64),
+            spans["images"].astype(np.int64),
+            Sources(ranges),
+            missing,
+        )
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def length_hints(self, image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """(estimated tokens, has image) per sample: about four characters a token plus the image tokens."""
+        return self.text_len // 4 + self.images * image_tokens, self.images > 0
+
+
+class ShardReader(Dataset):
+    """``reader[ids]`` -> one collated batch of those samples (``ids``, ``labels``, uint8 ``pixel_values``
+    ``[N, 3, S, S]``, ``skipped`` reason -> count, ``num_tokens``, ``padding_fraction``). Picklable: open
+    files are per process and reopened after a fork."""
+
+    def __init__(self, catalog: Catalog, processor: Processor, max_open: int = 64) -> None:
+        self.catalog = catalog
+        self.processor = processor
+        self.max_open = max_open
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": OrderedDict(), "_pid": None}
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked worker must not use its parent's descriptors' state
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self.catalog.paths[shard], os.O_RDONLY)
+            self._fds[shard] = fd
+            if len(self._fds) > self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(shard)
+        return fd
+
+    def raw(self, i: int) -> dict[str, Any]:
+        """The members of sample ``i``; a damaged span raises ``Skip('corrupt_shard')``."""
+        c = self.catalog
+        start, end = int(c.start[i]), int(c.end[i])
+        try:
+            data = os.pread(self._fd(int(c.shard[i])), end - start, start)
+            if len(data) != end - start:
+                raise tarfile.ReadError(f"short read: {len(data)} of {end - start} bytes")
+            return parse_sample(data)
+        except (OSError, tarfile.TarError, ValueError, EOFError) as e:
+            raise Skip("corrupt_shard", f"{c.paths[int(c.shard[i])]}@{start}: {e}") from None
+
+    def sample(self, i: int) -> Sample:
+        return decode_sample(self.raw(i), self.processor)
+
+    def __getitem__(self, ids: Sequence[int]) -> dict[str, Any]:
+        samples: list[Sample] = []
+        skipped: Counter[str] = Counter()
+        for i in ids:
+            try:
+                samples.append(self.sample(int(i)))
+            except Skip as e:
+                skipped[e.reason if e.reason in STREAM_SKIP_REASONS else "bad_conversation"] += 1
+        if not samples:
+            samples.append(self._refill(int(ids[0]) if len(ids) else 0, skipped))
+        return batch_of(samples, self.processor.pad_token_id, skipped)
+
+    def _refill(self, after: int, skipped: Counter[str]) -> Sample:
+        """A batch with no good sample would leave its rank without a step (and DDP waiting): take the next
+        good sample after it in id order instead, counted as ``refilled_batch``."""
+        n = len(self.catalog)
+        for k in range(1, min(n, MAX_REFILL_TRIES) + 1):
+            try:
+                sample = self.sample((after + k) % n)
+            except Skip as e:
+                skipped[e.reason if e.reason in STREAM_SKIP_REASONS else "bad_conversation"] += 1
+                continue
+            skipped["refilled_batch"] += 1
+            return sample
+        raise RuntimeError(
+            f"no readable sample among {MAX_REFILL_TRIES} after id {after} of {self.catalog.paths[0]} ...: "
+            f"the shards look broken ({dict(skipped)}); rebuild them with fvl shards build"
+        )
+
+
+def batch_of(
+    samples: list[Sample], pad_token_id: int, skipped: Counter[str] | dict[str, int]
+) -> dict[str, Any]:
+    """Collate samples and attach the plain-number counts the training step logs without a host sync."""
+    batch = collate(samples, pad_token_id)
+    batch["skipped"] = dict(skipped)
+    tokens = sum(len(s.input_ids) for s in samples)
+    batch["num_tokens"] = tokens
+    batch["padding_fraction"] = 1.0 - tokens / max(1, batch["input_ids"].numel())
+    return batch
+
+
+def as_is(batch: Any) -> Any:
+    """The collate function of loaders whose dataset already returns batches."""
+    return batch
+
+
+class PlannedLoader(DataLoader):
+    """A DataLoader over a ``ShardReader`` driven by an ``EpochBatches`` plan, whose position Lightning saves
+    in every checkpoint (``state_dict``) and restores on ``resume`` (``load_state_dict``): the resumed run
+    reads the batches the interrupted one had not trained on, none twice. The training loop reports each
+    batch it trains on with ``trained()`` (the DataModule does, as the batch enters its step)."""
+
+    def __init__(self, reader: ShardReader, plan: EpochBatches, num_workers: int = 0, **kw) -> None:
+        super().__init__(
+            reader,
+            sampler=plan,
+            batch_size=None,
+            collate_fn=as_is,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            **kw,
+        )
+        self.plan = plan
+
+    def trained(self) -> None:
+        self.plan.advance()
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batch = self.plan.position
+        return {"epoch": epoch, "batch": batch, "plan": self.plan.settings.key()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, now = state.get("plan") or {}, self.plan.settings.key()
+        if saved != now:
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(
+                f"resume: the data plan changed since the checkpoint ({', '.join(changed)}: "
+                f"{ {k: saved.get(k) for k in changed} } -> { {k: now[k] for k in changed} }); resuming would "
+                "replay or skip samples. Restore those settings, or start a new run from the checkpoint's "
+                "weights with init_from=CHECKPOINT instead of resume"
+            )
+        self.plan.position = (int(state["epoch"]), int(state["batch"]))

@@ -1,0 +1,44 @@
+"""The synthetic generator: deterministic, disjoint splits, answers that match the pictures."""
+
+import collections
+
+import pytest
+
+from fvl.data.synthetic import CHANCE, KINDS, SPLITS, generate
+
+
+def test_synthetic_is_deterministic_and_splits_disjoint():
+    a, b = generate(5, "train", seed=1), generate(5, "train", seed=1)
+    assert a.image.tobytes() == b.image.tobytes() and (a.question, a.answer, a.caption) == (
+        b.question,
+        b.answer,
+        b.caption,
+    )
+    ids = {s: {generate(i, s).id for i in range(200)} for s in SPLITS}
+    assert (
+        not (ids["train"] & ids["val"])
+        and not (ids["train"] & ids["test"])
+        and not (ids["val"] & ids["test"])
+    )
+    same = sum(
+        generate(i, "train").image.tobytes() == generate(i, "test").image.tobytes() for i in range(200)
+    )
+    assert same < 10  # different seeds draw different images (rare coincidences allowed)
+    kinds = collections.Counter(generate(i, "test").kind for i in range(700))
+    assert set(kinds) == set(KINDS) and min(kinds.values()) > 60
+    pope = [generate(i, "train", kinds=("pope",)).answer for i in range(400)]
+    assert 0.4 < pope.count("yes") / 400 < 0.6
+    assert set(CHANCE) == set(KINDS)
+
+
+def test_synthetic_answers_match_the_pictures():
+    """Spot checks that the drawn content is what the answer says."""
+    for i in range(50):
+        s = generate(i, kinds=("colour",))
+        from fvl.data.synthetic import COLOURS
+
+        pixels = set(s.image.getdata())
+        assert COLOURS[s.answer] in pixels
+        assert not any(COLOURS[c] in pixels for c in COLOURS if c != s.answer)
+    with pytest.raises(ValueError, match="split"):
+        generate(0, "dev")
