@@ -214,16 +214,20 @@ class FVLDataModule(L.LightningDataModule):
 
 
 def build_datamodule(
-    cfg: DictConfig | Any, stage: str | None = None, processor: Processor | None = None
+    cfg: DictConfig | Any, stage: Any = None, processor: Processor | None = None
 ) -> FVLDataModule:
     """The DataModule of a loaded experiment config (``fvl.config.load``), without building the model.
 
-    stage: a stage name whose YAML applies on top of ``cfg`` (its sources, resize mode and validation task);
-    None keeps ``cfg.stage``. processor: reuse one (the model's); default: built from ``cfg.model``."""
+    stage: a stage (its name, or a ``StageConfig``); when it is not ``cfg``'s own, its YAML applies on top
+    of ``cfg`` (its sources, resize mode and validation task); None keeps ``cfg.stage``. processor: reuse one
+    (the model's); default: built from ``cfg.model``."""
     from fvl.config import as_experiment, with_stage
     from fvl.models.processor import build_processor
 
-    exp = as_experiment(with_stage(cfg, stage) if stage else cfg)
+    exp = as_experiment(cfg)
+    name = getattr(stage, "name", stage)
+    if name and name != exp.stage.name:
+        exp = as_experiment(with_stage(exp, str(name)))
     if processor is None:
         processor = build_processor(exp.model)
     processor = processor.with_resize_mode(exp.stage.resize_mode)

@@ -112,10 +112,10 @@ class Catalog:
         return cls(
             paths,
             np.concatenate(shard_ids) if shard_ids else np.zeros(0, dtype=np.int32),
-            spans["start"].astype(np.int64),
-            spans["end"].astype(np.int64),
-            spans["text_len"].astype(np.int64),
-            spans["images"].astype(np.int64),
+            np.ascontiguousarray(spans["start"]),  # 26 bytes a sample: 10M samples hold 260 MB, shared
+            np.ascontiguousarray(spans["end"]),  # copy-on-write with forked workers
+            np.ascontiguousarray(spans["text_len"]),
+            np.ascontiguousarray(spans["images"]),
             Sources(ranges),
             missing,
         )
@@ -125,7 +125,9 @@ class Catalog:
 
     def length_hints(self, image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """(estimated tokens, has image) per sample: about four characters a token plus the image tokens."""
-        return self.text_len // 4 + self.images * image_tokens, self.images > 0
+        return self.text_len.astype(np.int64) // 4 + self.images.astype(
+            np.int64
+        ) * image_tokens, self.images > 0
 
 
 class ShardReader(Dataset):

@@ -56,6 +56,8 @@ class VisionConfig:
     frozen_dtype: storage dtype of the tower's weights while a stage freezes them (``bfloat16`` halves their
       memory); weights that train are always float32 master weights (see ``set_trainable``), and compute runs
       in ``trainer.precision`` (``bf16-mixed``: autocast).
+    compile: compile the tower's feature extraction with ``torch.compile`` (faster once compiled; the first
+      steps pay the compilation).
     """
 
     name: str = "florence2"
@@ -68,6 +70,7 @@ class VisionConfig:
     keep_pooled_token: bool = False
     layers: list[int] = field(default_factory=lambda: [-2])
     frozen_dtype: str = "float32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_choice(self.init, INITS, "model.vision.init")

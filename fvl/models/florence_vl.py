@@ -121,11 +121,16 @@ class FlorenceVL(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
         """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
-        ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float).
-        Returns the LLM output; ``.loss`` is the mean over supervised tokens."""
+        ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float) and
+        ``position_ids`` (packed batches: they restart at each sample). Returns the LLM output; ``.loss`` is
+        the mean over supervised tokens."""
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"))
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
         return self.llm(
-            inputs_embeds=embeds, attention_mask=batch.get("attention_mask"), labels=batch.get("labels")
+            inputs_embeds=embeds,
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+            **extra,
         )
 
     # ---- inference -----------------------------------------------------------------------------------------

@@ -186,6 +186,9 @@ def test_datamodule_from_a_config_feeds_the_model(tiny_model, tmp_path):
     assert torch.isfinite(tiny_model(next(iter(dm.val_dataloader()))).loss)
     labels = batch["labels"][0][batch["labels"][0] != -100]
     assert tiny_model.tokenizer.decode(labels).endswith("<|end|>")  # supervision is the answer
+    # the config's own stage keeps its overrides (here: reading both sources)
+    own = build_datamodule(cfg, cfg.stage)
+    assert own.processor.transform.mode == "square" and own.cfg.sources == []
 
 
 def test_length_grouping_lowers_padding(processor, shard_dir):
