@@ -223,6 +223,40 @@ def _consolidate(model) -> dict[str, float]:
     return out
 
 
+LATEST = Path("benchmarks/latest.json")
+# The headline figures the performance work is judged by; each stays null (with why) until measured.
+HEADLINES = {
+    "feature_extraction_speedup": "not measured yet: fvl bench features",
+    "feature_cache_speedup": "the feature cache is not built yet",
+    "packing_tokens_per_s_gain": "not measured yet: fvl bench packing",
+    "gpu_mfu": "needs a GPU: python -m fvl.bench step (on a CUDA machine)",
+    "pretrain_seconds_median": "not measured yet: fvl bench pretrain",
+}
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def record(
+    bench: str, figures: dict, headlines: dict[str, float | None] | None = None, path: Path = LATEST
+) -> None:
+    """Merge one benchmark's figures (and the headline figures it measured) into ``benchmarks/latest.json``,
+    with the date, machine and versions of this run; other benchmarks' latest figures stay."""
+    latest = json.loads(path.read_text()) if path.exists() else {}
+    stamp = {"date": dt.date.today().isoformat(), "machine": machine(), **versions()}
+    latest.setdefault("results", {})[bench] = {**stamp, **figures}
+    for key, why in HEADLINES.items():
+        latest.setdefault(key, {"value": None, "why": why})
+    for key, value in (headlines or {}).items():
+        latest[key] = {"value": value, "bench": bench, **stamp}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(latest, indent=1, sort_keys=True) + "\n")
+
+
 def run(
     which: list[str],
     samples: int = 256,
@@ -244,6 +278,8 @@ def run(
         )
         if json_out:
             Path(json_out).write_text(json.dumps(r, indent=1))
+        if not tiny:  # the tiny run is a smoke test of the GPU check, not a figure
+            record("step", r, {"gpu_mfu": r["mfu"]} if r["device"].startswith("cuda") else None)
     if "images" in which:
         from fvl.bench_images import bench_images
 
@@ -255,6 +291,7 @@ def run(
                 f"({f['pad_vs_naive']:.2f}x), square {f['square_ms']:.1f} ({f['square_vs_naive']:.2f}x), "
                 f"before {f['before_ms']:.1f} ({f['before_vs_naive']:.2f}x)"
             )
+        record("images", r)
     if "loader" in which:
         from fvl.bench_loader import KINDS, bench_loader
 
@@ -266,3 +303,23 @@ def run(
                 f"decode+resize {f['naive_ms']:.1f} ms ({f['in_process_vs_naive']:.2f}x); 1 worker "
                 f"{f['1_workers_images_per_s']:.1f} img/s, 2 workers {f['2_workers_images_per_s']:.1f} img/s"
             )
+        record("loader", r)
+    if "packing" in which:
+        from fvl.bench_packing import bench_packing
+
+        r = bench_packing()
+        print(
+            f"packing (tiny, 576 image + 20-1500 text tokens, batch {r['batch']}, rows of {r['max_length']}): padded "
+            f"{r['padded']['tokens_per_s']:.0f} tokens/s, padding {r['padded']['padding_fraction']:.1%}; packed "
+            f"{r['packed']['tokens_per_s']:.0f} tokens/s, padding {r['packed']['padding_fraction']:.1%}: "
+            f"{r['tokens_per_s_gain']:.2f}x"
+        )
+        record("packing", r, {"packing_tokens_per_s_gain": r["tokens_per_s_gain"]})
+
+
+if __name__ == "__main__":  # python -m fvl.bench step  (the same as fvl bench step)
+    import sys
+
+    from fvl.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

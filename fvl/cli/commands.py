@@ -372,8 +372,9 @@ class BenchArgs:
     """Benchmarks with the machine and date (figures, never asserted in tests).
 
     which: images (decode + preprocess per image at 768 px), loader (the shard reader in-process and with
-      workers, PNGs and JPEG photos) and / or step (a training step of the shipped 3B finetune
-      configuration at real size, with MFU; a GPU check).
+      workers, PNGs and JPEG photos), packing (padded vs packed training steps at LLaVA-like lengths)
+      and / or step (a training step of the shipped 3B finetune configuration at real size, with MFU; a
+      GPU check). Each writes its figures into benchmarks/latest.json.
     samples: images per kind for the loader benchmark (at most 24 for images).
     tiny: run step on the tiny preset (a CPU smoke test of the GPU check).
     json: write the step figures to this JSON file too.
@@ -384,7 +385,7 @@ class BenchArgs:
 
     which: list[str] = field(
         default_factory=lambda: ["images", "loader"],
-        metadata={"positional": True, "choices": ("images", "loader", "step")},
+        metadata={"positional": True, "choices": ("images", "loader", "packing", "step")},
     )
     samples: int = 64
     tiny: bool = False

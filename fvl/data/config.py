@@ -26,6 +26,12 @@ class DataConfig:
       grouping); ``train/padding_fraction`` shows the effect.
     length_window: global steps sorted together when grouping by length (larger: tighter batches, less
       randomness in batch order).
+    packing: pack each batch's samples into as few rows of ``model.text.max_length`` tokens as fit, without
+      padding between them (``position_ids`` restart per sample; attention stays within a sample). The loss
+      is unchanged (the mean over supervised tokens); the rows per batch vary.
+    pack_length: tokens per packed row (0: ``model.text.max_length``). With flash-attention on a GPU, a
+      batch's worth (batch_size x max_length) flattens each batch into one row and removes the padding
+      entirely; under SDPA or eager attention the mask grows with the square of it.
     build_workers: processes used to build missing shards.
     val_split: where validation samples come from: ``synthetic`` (generated on the fly for the stage's
       ``val_task``) | ``heldout`` (the last ``val_shards`` shards of every source read, kept out of training).
@@ -44,6 +50,8 @@ class DataConfig:
     num_workers: int = 1
     group_by_length: bool = False
     length_window: int = 32
+    packing: bool = False
+    pack_length: int = 0
     build_workers: int = 2
     val_split: str = "synthetic"
     val_shards: int = 1
@@ -54,6 +62,8 @@ class DataConfig:
             raise ValueError("data.batch_size must be positive")
         if self.num_workers < 0 or self.val_samples < 0:
             raise ValueError("data.num_workers and data.val_samples must be >= 0")
+        if self.pack_length < 0:
+            raise ValueError("data.pack_length must be >= 0 (0: model.text.max_length)")
         if self.length_window <= 0:
             raise ValueError("data.length_window must be positive")
         if self.val_split not in VAL_SPLITS:

@@ -166,8 +166,11 @@ class FVLDataModule(L.LightningDataModule):
         plan = self.plan()
         if len(plan) == 0:
             raise ValueError(f"{self.cfg.shards}: nothing to train on (no samples, or every weight 0)")
+        pack = (self.cfg.pack_length or self.processor.max_length or 0) if self.cfg.packing else 0
+        if self.cfg.packing and not pack:
+            raise ValueError("data.packing needs data.pack_length or model.text.max_length (a row's length)")
         self._train_loader = PlannedLoader(
-            ShardReader(self.train_catalog, self.processor),
+            ShardReader(self.train_catalog, self.processor, pack=pack),
             plan,
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),

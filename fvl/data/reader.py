@@ -25,6 +25,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from fvl.data.collate import Sample, collate
+from fvl.data.packing import collate_packed
 from fvl.data.plan import EpochBatches, Sources
 from fvl.data.sources import SKIP_REASONS, Skip
 from fvl.data.tarindex import SPAN, load_index, parse_sample
@@ -135,9 +136,10 @@ class ShardReader(Dataset):
     ``[N, 3, S, S]``, ``skipped`` reason -> count, ``num_tokens``, ``padding_fraction``). Picklable: open
     files are per process and reopened after a fork."""
 
-    def __init__(self, catalog: Catalog, processor: Processor, max_open: int = 64) -> None:
+    def __init__(self, catalog: Catalog, processor: Processor, pack: int = 0, max_open: int = 64) -> None:
         self.catalog = catalog
         self.processor = processor
+        self.pack = pack  # > 0: pack samples into rows of this many tokens (fvl.data.packing)
         self.max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
@@ -186,7 +188,7 @@ class ShardReader(Dataset):
                 skipped[e.reason if e.reason in STREAM_SKIP_REASONS else "bad_conversation"] += 1
         if not samples:
             samples.append(self._refill(int(ids[0]) if len(ids) else 0, skipped))
-        return batch_of(samples, self.processor.pad_token_id, skipped)
+        return batch_of(samples, self.processor.pad_token_id, skipped, self.pack)
 
     def _refill(self, after: int, skipped: Counter[str]) -> Sample:
         """A batch with no good sample would leave its rank without a step (and DDP waiting): take the next
@@ -207,10 +209,11 @@ class ShardReader(Dataset):
 
 
 def batch_of(
-    samples: list[Sample], pad_token_id: int, skipped: Counter[str] | dict[str, int]
+    samples: list[Sample], pad_token_id: int, skipped: Counter[str] | dict[str, int], pack: int = 0
 ) -> dict[str, Any]:
-    """Collate samples and attach the plain-number counts the training step logs without a host sync."""
-    batch = collate(samples, pad_token_id)
+    """Collate samples (packed into rows of ``pack`` tokens when > 0) and attach the plain-number counts the
+    training step logs without a host sync."""
+    batch = collate_packed(samples, pack, pad_token_id) if pack else collate(samples, pad_token_id)
     batch["skipped"] = dict(skipped)
     tokens = sum(len(s.input_ids) for s in samples)
     batch["num_tokens"] = tokens

@@ -12,6 +12,7 @@ from typing import Any
 
 INITS = ("pretrained", "random")
 DTYPES = ("float32", "bfloat16", "float16")
+LOSS_MODES = ("auto", "full", "chunked", "fused")  # model.llm.loss, implemented in fvl.models.loss
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
@@ -143,6 +144,12 @@ class LLMConfig:
     gradient_checkpointing: recompute LLM activations in backward to save memory.
     quantization: ``none`` | ``nf4``: load the pretrained LLM's linear layers in 4-bit NF4 (bitsandbytes) -
       QLoRA, together with ``train.lora.enabled``.
+    loss: how the training loss is computed: ``full`` (transformers builds the ``[batch, seq, vocab]``
+      logits, 8 GB in float32 at 8 x 2k tokens x Llama 3's 128K vocabulary) | ``chunked`` (the output head
+      and cross-entropy on supervised tokens only, in checkpointed chunks of 2**26 logits: never the full
+      logits, same loss and gradients) | ``fused`` (liger-kernel's fused linear cross-entropy: CUDA, the
+      ``fvl[gpu-kernels]`` extra) | ``auto``: fused when liger-kernel imports, the batch is on CUDA and the
+      head is a plain linear layer; else chunked when batch x seq x vocab exceeds 2**26; else full.
     """
 
     init: str = "random"
@@ -152,8 +159,10 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     quantization: str = "none"
+    loss: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice(self.loss, LOSS_MODES, "model.llm.loss")
         _check_choice(self.init, INITS, "model.llm.init")
         _check_choice(self.quantization, ("none", "nf4"), "model.llm.quantization")
         if self.quantization != "none" and self.init != "pretrained":

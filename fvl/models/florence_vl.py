@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fvl.models.config import ModelConfig
 from fvl.models.fusion import build_fusion
 from fvl.models.llm import build_llm
+from fvl.models.loss import causal_lm_loss
 from fvl.models.processor import Processor
 from fvl.models.projector import build_projector
 from fvl.models.vision import build_vision_tower
@@ -123,14 +124,16 @@ class FlorenceVL(nn.Module):
         """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
         ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float) and
         ``position_ids`` (packed batches: they restart at each sample). Returns the LLM output; ``.loss`` is
-        the mean over supervised tokens."""
+        the mean over supervised tokens, computed as ``model.llm.loss`` says (``fvl.models.loss``): with
+        ``chunked`` or ``fused`` the full logits are never built and ``.logits`` is None."""
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"))
-        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
-        return self.llm(
-            inputs_embeds=embeds,
-            attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"),
-            **extra,
+        return causal_lm_loss(
+            self.llm,
+            embeds,
+            batch.get("attention_mask"),
+            batch.get("labels"),
+            position_ids=batch.get("position_ids"),
+            mode=self.cfg.llm.loss,
         )
 
     # ---- inference -----------------------------------------------------------------------------------------

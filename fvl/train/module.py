@@ -48,7 +48,9 @@ class FVLModule(L.LightningModule):
     # ---- steps ---------------------------------------------------------------------------------------------
     def _model_inputs(self, batch: dict) -> dict:
         return {
-            k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "pixel_values")
+            k: v
+            for k, v in batch.items()
+            if k in ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
         }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

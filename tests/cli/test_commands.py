@@ -1,6 +1,7 @@
 """Presets, offline tiny assets, arch validation and the command line."""
 
 import filecmp
+import json
 import os
 import subprocess
 import sys
@@ -118,3 +119,16 @@ def test_bench_step_smoke_on_the_tiny_preset(capsys, tmp_path):
 
     assert not dist.is_initialized()  # the process group it started ended with it
     assert "MASTER_PORT" not in os.environ  # and the environment of later runs is untouched
+
+
+def test_bench_record_keeps_every_headline_and_other_benchmarks(tmp_path):
+    from fvl.bench import HEADLINES, record
+
+    path = tmp_path / "latest.json"
+    record("packing", {"x": 1}, {"packing_tokens_per_s_gain": 1.5}, path=path)
+    record("loader", {"y": 2}, path=path)
+    latest = json.loads(path.read_text())
+    assert set(HEADLINES) <= set(latest) and set(latest["results"]) == {"packing", "loader"}
+    assert latest["packing_tokens_per_s_gain"]["value"] == 1.5 and latest["results"]["loader"]["y"] == 2
+    assert latest["gpu_mfu"]["value"] is None and "GPU" in latest["gpu_mfu"]["why"]
+    assert latest["results"]["packing"]["date"] and latest["results"]["packing"]["torch"]

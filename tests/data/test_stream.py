@@ -245,3 +245,13 @@ def test_planned_loader_is_what_lightning_checks_for_resumable_data(processor, s
     loader = module_for(root, out, processor).train_dataloader()
     assert isinstance(loader, PlannedLoader) and isinstance(loader, _Stateful)
     assert isinstance(loader.plan, EpochBatches) and isinstance(loader.plan.settings, PlanSettings)
+
+
+def test_packing_through_the_datamodule(processor, shard_dir):
+    root, out, _ = shard_dir
+    plain = module_for(root, out, processor, weights={"qa": 1})
+    packed = module_for(root, out, processor, weights={"qa": 1}, packing=True)
+    a, b = next(iter(plain.train_dataloader())), next(iter(packed.train_dataloader()))
+    assert sorted(a["ids"]) == sorted(b["ids"])  # the same planned samples
+    assert b["input_ids"].shape[0] < a["input_ids"].shape[0] and "position_ids" in b
+    assert b["padding_fraction"] < a["padding_fraction"]
