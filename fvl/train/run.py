@@ -28,6 +28,7 @@ from fvl.runs import is_rank_zero
 from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start
 from fvl.train.module import FVLModule, build_module
 from fvl.train.strategy import build_strategy, is_sharded
+from fvl.train.timing import StepTimes
 from fvl.train.tracking import TrackingCallback, make_logger
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def build_callbacks(cfg: ExperimentConfig, start: Start) -> list[L.Callback]:
                 enable_version_counter=False,
             )  # fmt: skip
         )
+    callbacks.append(StepTimes())
     if cfg.trainer.progress:
         from fvl.train.progress import StepProgressBar
 

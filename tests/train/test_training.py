@@ -65,8 +65,13 @@ def test_pretrain_lowers_the_loss_and_is_tracked(env, pretrain_run):
     assert tags["checkpoint_path"] == str(r.best_checkpoint.resolve())
     history = client.get_metric_history(r.mlflow_run_id, "train/loss")
     assert len(history) >= 30
-    for metric in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s", "val/loss"):
+    for metric in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s", "val/loss",
+                   "train/padding_fraction", "train/skipped_samples"):  # fmt: skip
         assert client.get_metric_history(r.mlflow_run_id, metric), metric
+    # the step-time breakdown: its parts are positive and the image path lies inside forward + backward
+    times = {m: client.get_metric_history(r.mlflow_run_id, f"time/{m}_ms")[-1].value
+             for m in ("data_wait", "vision", "forward_backward", "optimizer")}  # fmt: skip
+    assert all(v > 0 for v in times.values()) and times["vision"] < times["forward_backward"]
     artifacts = [a.path for a in client.list_artifacts(r.mlflow_run_id)]
     assert "config.yaml" in artifacts
     local = mlflow.artifacts.download_artifacts(
