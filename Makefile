@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fvl-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui learning-check clean
+.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui learning-check compile-check clean
 
 help:
 	@echo "make test       set up .venv, install fvl, run the test suite"
@@ -22,6 +22,7 @@ help:
 	@echo "make eval       score the latest checkpoint on the synthetic test split (CKPT=... to choose)"
 	@echo "make notebooks  execute the comparison notebooks into outputs/notebooks/"
 	@echo "make learning-check  the default runs must learn colour and shape (about 8 minutes)"
+	@echo "make compile-check   model.vision.compile through inductor (minutes while its cache is cold)"
 	@echo "make lint       ruff"
 
 setup: $(STAMP)
@@ -60,6 +61,9 @@ eval: $(STAMP)
 	$(VENV)/bin/fvl eval $(if $(CKPT),$(CKPT),latest) $(ARGS)
 
 # Opt-in (about 8 minutes): the default pretrain + finetune must score colour and shape >= 2x chance.
+compile-check: $(STAMP)
+	FVL_INDUCTOR_TEST=1 $(PY) -m pytest -q tests/models/test_vision_compile.py
+
 learning-check: $(STAMP)
 	FVL_LEARNING_TEST=1 $(PY) -m pytest -q tests/train/test_learning.py
 

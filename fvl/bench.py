@@ -226,7 +226,7 @@ def _consolidate(model) -> dict[str, float]:
 LATEST = Path("benchmarks/latest.json")
 # The headline figures the performance work is judged by; each stays null (with why) until measured.
 HEADLINES = {
-    "feature_extraction_speedup": "not measured yet: fvl bench features",
+    "feature_extraction_speedup": "not measured yet: fvl bench features [--compile] [--device cuda]",
     "feature_cache_speedup": "the feature cache is not built yet",
     "packing_tokens_per_s_gain": "not measured yet: fvl bench packing",
     "gpu_mfu": "needs a GPU: python -m fvl.bench step (on a CUDA machine)",
@@ -264,6 +264,8 @@ def run(
     json_out: str | None = None,
     fsdp: bool = False,
     batch: int = 0,
+    device: str = "cpu",
+    compile_tower: bool = False,
 ) -> None:
     """Run the named benchmarks and print their figures under a line with the date and machine."""
     print(f"# {dt.date.today()} on {machine()}")
@@ -304,6 +306,12 @@ def run(
                 f"{f['1_workers_images_per_s']:.1f} img/s, 2 workers {f['2_workers_images_per_s']:.1f} img/s"
             )
         record("loader", r)
+    if "features" in which:
+        from fvl.bench_features import bench_features, summary
+
+        r = bench_features(arch="base", batch=2, repeats=2, device=device, compile=compile_tower)
+        print(summary(r))
+        record("features", r, {"feature_extraction_speedup": r["speedup"]})
     if "packing" in which:
         from fvl.bench_packing import bench_packing
 

@@ -15,8 +15,11 @@ VISION_TOWERS.register("siglip")(SiglipTower)
 
 
 def build_vision_tower(cfg: VisionConfig, resize_mode: str = "pad") -> tuple[VisionTower, ImageTransform]:
-    """``(tower, transform)``: the tower and the preprocessing its pixels need."""
+    """``(tower, transform)``: the tower and the preprocessing its pixels need; with ``cfg.compile`` its
+    feature computation is compiled (lazily: traced at the first ``features`` call)."""
     tower = VISION_TOWERS.build(cfg.name, cfg)
+    if cfg.compile:
+        tower.compile()
     return tower, tower.transform(resize_mode)
 
 

@@ -34,6 +34,7 @@ class VisionTower(nn.Module, ABC):
     image_size: int
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    compiled: bool = False  # set by ``compile``
 
     @property
     @abstractmethod
@@ -81,6 +82,23 @@ class VisionTower(nn.Module, ABC):
     @abstractmethod
     def wrap_classes(self) -> set[type[nn.Module]]:
         """Classes of this tower's repeated blocks: FSDP wrap units and activation-checkpointing units."""
+
+    @abstractmethod
+    def compile_units(self) -> list[nn.Module]:
+        """The submodules ``features`` spends its time in, the units ``compile`` hands to ``torch.compile``."""
+
+    def compile(self, backend: str = "inductor", **options) -> None:
+        """Compile the feature computation (``model.vision.compile``): each of ``compile_units()`` in place,
+        with ``nn.Module.compile``, so class and parameter names stay (no ``_orig_mod.`` in checkpoints,
+        FSDP still finds the blocks by class) and each unit is traced at its first call, after any dtype
+        cast or sharding. ``features`` itself stays eager: its Python (feature names, prompt subsets) would
+        only add guards. The tower's own ``forward`` is not what fvl calls, so ``nn.Module.compile`` on the
+        tower would compile nothing that runs; this override is what a caller of ``tower.compile()`` means.
+        ``backend`` and ``options`` go to ``torch.compile``: ``model.vision.compile`` takes the default,
+        inductor; tests pass ``aot_eager``, which skips inductor's C++ build (minutes on a small CPU)."""
+        for unit in self.compile_units():
+            unit.compile(backend=backend, **options)
+        self.compiled = True
 
     @staticmethod
     def check_pixels(pixel_values: torch.Tensor) -> None:

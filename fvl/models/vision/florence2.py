@@ -44,6 +44,57 @@ TASK_PROMPTS = {
 }
 
 
+# Florence-2's published sizes as ``model.vision.arch`` dicts, for random init at real size (benchmarks,
+# FLOP counts): DaViT (vision_config) and the BART-style encoder-decoder (text_config). ``large`` is the
+# arch of the florence_vl_3b / 8b presets. Pass a copy: ``random_init_config`` consumes its argument.
+FLORENCE2_ARCHS: dict[str, dict] = {
+    "base": {
+        "vision_config": {
+            "depths": [1, 1, 9, 1],
+            "embed_dim": [128, 256, 512, 1024],
+            "num_heads": [4, 8, 16, 32],
+            "num_groups": [4, 8, 16, 32],
+            "window_size": 12,
+            "projection_dim": 768,
+            "drop_path_rate": 0.1,
+        },
+        "text_config": {
+            "vocab_size": 51289,
+            "d_model": 768,
+            "encoder_layers": 6,
+            "decoder_layers": 6,
+            "encoder_attention_heads": 12,
+            "decoder_attention_heads": 12,
+            "encoder_ffn_dim": 3072,
+            "decoder_ffn_dim": 3072,
+            "max_position_embeddings": 1024,
+        },
+    },
+    "large": {
+        "vision_config": {
+            "depths": [1, 1, 9, 1],
+            "embed_dim": [256, 512, 1024, 2048],
+            "num_heads": [8, 16, 32, 64],
+            "num_groups": [8, 16, 32, 64],
+            "window_size": 12,
+            "projection_dim": 1024,
+            "drop_path_rate": 0.1,
+        },
+        "text_config": {
+            "vocab_size": 51289,
+            "d_model": 1024,
+            "encoder_layers": 12,
+            "decoder_layers": 12,
+            "encoder_attention_heads": 16,
+            "decoder_attention_heads": 16,
+            "encoder_ffn_dim": 4096,
+            "decoder_ffn_dim": 4096,
+            "max_position_embeddings": 1024,
+        },
+    },
+}
+
+
 def expand_prompt(text: str) -> str:
     """A task token becomes Florence-2's prompt text; free text passes through."""
     stripped = text.strip()
@@ -98,6 +149,11 @@ class Florence2Tower(VisionTower):
         # DaViT's blocks and the encoder's layers: the repeated units, each of one dtype.
         return {Florence2VisionBlock} | {type(layer) for layer in self.encoder.layers}
 
+    def compile_units(self) -> list[nn.Module]:
+        # DaViT, the projection and the encoder: everything ``features`` computes but the token embedding
+        # lookup and the concatenation (cheap, and the prompt subset would add guards).
+        return [self.davit, self.image_projection, self.encoder]
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         dtype = DTYPES[cfg.frozen_dtype]
@@ -134,6 +190,8 @@ class Florence2Tower(VisionTower):
             for t in self.prompt_texts
         ]
         width = max((len(x) for x in ids), default=0)
+        # Known here, so ``features`` decides on a mask without reading a device buffer (a sync on a GPU).
+        self.prompt_padded = [len(x) < width for x in ids]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.register_buffer(
             "prompt_ids",
@@ -196,9 +254,7 @@ class Florence2Tower(VisionTower):
                 dim=2,
             ).reshape(batch * n_prompts, n_img + text.shape[1], dim)
             mask = None
-            if not bool(
-                prompt_mask.all()
-            ):  # only pass a mask when prompts differ in length (keeps SDPA fast)
+            if any(self.prompt_padded[i] for i in wanted):  # a mask only when needed (keeps SDPA fast)
                 img_mask = prompt_mask.new_ones(n_prompts, n_img)
                 mask = torch.cat([img_mask, prompt_mask], dim=1).repeat(batch, 1)
             hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state

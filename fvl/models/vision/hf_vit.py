@@ -42,6 +42,9 @@ class HFViTTower(VisionTower):
     def wrap_classes(self) -> set[type[nn.Module]]:
         return {type(layer) for layer in self.model.vision_model.encoder.layers}
 
+    def compile_units(self) -> list[nn.Module]:
+        return [self.model]  # the whole ViT: ``features`` only slices its hidden states
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         dtype = DTYPES[cfg.frozen_dtype]
