@@ -230,7 +230,7 @@ HEADLINES = {
     "feature_cache_speedup": "the feature cache is not built yet",
     "packing_tokens_per_s_gain": "not measured yet: fvl bench packing",
     "gpu_mfu": "needs a GPU: python -m fvl.bench step (on a CUDA machine)",
-    "pretrain_seconds_median": "not measured yet: fvl bench pretrain",
+    "pretrain_seconds_median": "not measured yet: fvl bench pretrain (three runs of make pretrain's command)",
 }
 
 
@@ -312,6 +312,15 @@ def run(
         r = bench_features(arch="base", batch=2, repeats=2, device=device, compile=compile_tower)
         print(summary(r))
         record("features", r, {"feature_extraction_speedup": r["speedup"]})
+    if "pretrain" in which:
+        from fvl.bench_pretrain import bench_pretrain
+
+        r = bench_pretrain()
+        print(
+            f"make pretrain (fresh shards and run folder each time): {', '.join(f'{x:.0f} s' for x in r['seconds'])}; "
+            f"median {r['median_seconds']:.0f} s"
+        )
+        record("pretrain", r, {"pretrain_seconds_median": r["median_seconds"]})
     if "packing" in which:
         from fvl.bench_packing import bench_packing
 

@@ -374,8 +374,9 @@ class BenchArgs:
     which: images (decode + preprocess per image at 768 px), loader (the shard reader in-process and with
       workers, PNGs and JPEG photos), packing (padded vs packed training steps at LLaVA-like lengths)
       features (Florence-2 feature extraction, fvl's way vs a full forward per prompt, at base size; the
-      large size on a GPU) and / or step (a training step of the shipped 3B finetune configuration at real
-      size, with MFU; a GPU check). Each writes its figures into benchmarks/latest.json.
+      large size on a GPU), pretrain (the median of three runs of make pretrain's command, shard build
+      included) and / or step (a training step of the shipped 3B finetune configuration at real size, with
+      MFU; a GPU check). Each writes its figures into benchmarks/latest.json.
     samples: images per kind for the loader benchmark (at most 24 for images).
     tiny: run step on the tiny preset (a CPU smoke test of the GPU check).
     json: write the step figures to this JSON file too.
@@ -388,7 +389,10 @@ class BenchArgs:
 
     which: list[str] = field(
         default_factory=lambda: ["images", "loader", "packing"],
-        metadata={"positional": True, "choices": ("images", "loader", "packing", "features", "step")},
+        metadata={
+            "positional": True,
+            "choices": ("images", "loader", "packing", "features", "pretrain", "step"),
+        },
     )
     samples: int = 64
     tiny: bool = False

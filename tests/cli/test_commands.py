@@ -132,3 +132,19 @@ def test_bench_record_keeps_every_headline_and_other_benchmarks(tmp_path):
     assert latest["packing_tokens_per_s_gain"]["value"] == 1.5 and latest["results"]["loader"]["y"] == 2
     assert latest["gpu_mfu"]["value"] is None and "GPU" in latest["gpu_mfu"]["why"]
     assert latest["results"]["packing"]["date"] and latest["results"]["packing"]["torch"]
+
+
+def test_bench_pretrain_times_make_pretrains_command(monkeypatch):
+    import fvl.bench_pretrain as bp
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bp.subprocess, "run", fake_run)
+    r = bp.bench_pretrain(runs=3)
+    assert len(calls) == 3 and r["median_seconds"] == sorted(r["seconds"])[1]
+    assert calls[0][3:5] == ["train", "experiments/pretrain.yaml"]  # what make pretrain runs
+    assert len({c[5] for c in calls}) == 3  # a fresh run folder (and shards) each time
