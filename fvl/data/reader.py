@@ -188,7 +188,10 @@ class ShardReader(Dataset):
                 skipped[e.reason if e.reason in STREAM_SKIP_REASONS else "bad_conversation"] += 1
         if not samples:
             samples.append(self._refill(int(ids[0]) if len(ids) else 0, skipped))
-        return batch_of(samples, self.processor.pad_token_id, skipped, self.pack)
+        batch = batch_of(samples, self.processor.pad_token_id, skipped, self.pack)
+        # Counted here, on the CPU: the model then checks placeholders against images without a sync.
+        batch["num_placeholders"] = int((batch["input_ids"] == self.processor.tokenizer.image_token_id).sum())
+        return batch
 
     def _refill(self, after: int, skipped: Counter[str]) -> Sample:
         """A batch with no good sample would leave its rank without a step (and DDP waiting): take the next

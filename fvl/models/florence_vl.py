@@ -91,12 +91,19 @@ class FlorenceVL(nn.Module):
         first = next(self.projector.parameters())
         return self.projector(fused.to(first.dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """LLM input embeddings with image features merged at the placeholder positions."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        placeholders: int | None = None,
+    ) -> torch.Tensor:
+        """LLM input embeddings with image features merged at the placeholder positions. ``placeholders``:
+        the placeholder count when the caller counted it on the host (the data loader does, before the
+        batch moves), which spares a device-to-host sync per step; else it is counted here."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
         n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
-        n_placeholders = int(mask.sum())
+        n_placeholders = int(mask.sum()) if placeholders is None else int(placeholders)
         if n_placeholders != n_images * self.num_image_tokens:
             raise ImageTokenMismatch(
                 f"{n_placeholders} image placeholder tokens in the batch but {n_images} image(s) x "
@@ -126,7 +133,7 @@ class FlorenceVL(nn.Module):
         ``position_ids`` (packed batches: they restart at each sample). Returns the LLM output; ``.loss`` is
         the mean over supervised tokens, computed as ``model.llm.loss`` says (``fvl.models.loss``): with
         ``chunked`` or ``fused`` the full logits are never built and ``.logits`` is None."""
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"))
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("num_placeholders"))
         return causal_lm_loss(
             self.llm,
             embeds,

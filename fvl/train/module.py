@@ -50,7 +50,8 @@ class FVLModule(L.LightningModule):
         return {
             k: v
             for k, v in batch.items()
-            if k in ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
+            if k
+            in ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids", "num_placeholders")
         }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -76,6 +76,28 @@ def test_placeholder_count_mismatch_is_a_clear_error(tiny_model):
         m.embed(broken, batch["pixel_values"])
 
 
+def test_a_host_side_placeholder_count_spares_the_device_sync(tiny_model, monkeypatch):
+    m = tiny_model
+    batch = collate(
+        [sample(m, "<image>\nWhat colour?", "red", [torch.randn(3, 64, 64)])], m.tokenizer.pad_token_id
+    )
+    with pytest.raises(ImageTokenMismatch, match="15 image placeholder"):
+        m.embed(
+            batch["input_ids"], batch["pixel_values"], placeholders=15
+        )  # the given count is what is checked
+
+    def no_sync(*args):
+        raise AssertionError("a device-to-host read in the training forward")
+
+    expected = m.embed(batch["input_ids"], batch["pixel_values"])
+    monkeypatch.setattr(torch.Tensor, "__int__", no_sync)
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_sync)
+    got = m.embed(batch["input_ids"], batch["pixel_values"], placeholders=16)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, expected)
+
+
 def greedy_without_cache(model, image, prompt, steps):
     """Reference decoding: the full sequence re-run every step, no KV cache."""
     ids = model.template.prompt(prompt, model.tokenizer, model.num_image_tokens).input_ids

@@ -256,7 +256,7 @@ class Florence2Tower(VisionTower):
             mask = None
             if any(self.prompt_padded[i] for i in wanted):  # a mask only when needed (keeps SDPA fast)
                 img_mask = prompt_mask.new_ones(n_prompts, n_img)
-                mask = torch.cat([img_mask, prompt_mask], dim=1).repeat(batch, 1)
+                mask = _additive(torch.cat([img_mask, prompt_mask], dim=1).repeat(batch, 1), embeds.dtype)
             hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             hidden = hidden[:, start:n_img].reshape(batch, n_prompts, n_img - start, dim)
             for j, i in enumerate(wanted):
@@ -293,3 +293,11 @@ class Florence2Tower(VisionTower):
         sd.pop("model.language_model.encoder.embed_tokens.weight")  # tied to shared; one copy on disk
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(out)
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[B, L]`` keep-mask as the ``[B, 1, 1, L]`` additive mask that eager and SDPA attention take as it
+    is. Given the 2D mask, transformers would read it back to the host (``mask.all()``) on every call: one
+    sync per step for nothing, since which prompts are padded is known when the tower is built."""
+    out = torch.zeros(keep.shape[0], 1, 1, keep.shape[1], dtype=dtype, device=keep.device)
+    return out.masked_fill(~keep.bool()[:, None, None, :], torch.finfo(dtype).min)
