@@ -11,6 +11,7 @@ smoke-tests it on a CPU).
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -282,56 +283,26 @@ def run(
             Path(json_out).write_text(json.dumps(r, indent=1))
         if not tiny:  # the tiny run is a smoke test of the GPU check, not a figure
             record("step", r, {"gpu_mfu": r["mfu"]} if r["device"].startswith("cuda") else None)
-    if "images" in which:
-        from fvl.bench_images import bench_images
-
-        r = bench_images(n=min(samples, 24))
-        for kind in ("jpeg_2250x1500", "png_512x512"):
-            f = r[kind]
-            print(
-                f"images {kind} -> {r['size']} px, ms per image: naive {f['naive_ms']:.1f}, pad {f['pad_ms']:.1f} "
-                f"({f['pad_vs_naive']:.2f}x), square {f['square_ms']:.1f} ({f['square_vs_naive']:.2f}x), "
-                f"before {f['before_ms']:.1f} ({f['before_vs_naive']:.2f}x)"
-            )
-        record("images", r)
-    if "loader" in which:
-        from fvl.bench_loader import KINDS, bench_loader
-
-        r = bench_loader(samples)
-        for kind in KINDS:
-            f = r[kind]
-            print(
-                f"loader {kind} -> pad {r['size']} px uint8: in-process {f['in_process_ms']:.1f} ms/sample vs naive "
-                f"decode+resize {f['naive_ms']:.1f} ms ({f['in_process_vs_naive']:.2f}x); 1 worker "
-                f"{f['1_workers_images_per_s']:.1f} img/s, 2 workers {f['2_workers_images_per_s']:.1f} img/s"
-            )
-        record("loader", r)
-    if "features" in which:
-        from fvl.bench_features import bench_features, summary
-
-        r = bench_features(arch="base", batch=2, repeats=2, device=device, compile=compile_tower)
-        print(summary(r))
-        record("features", r, {"feature_extraction_speedup": r["speedup"]})
-    if "pretrain" in which:
-        from fvl.bench_pretrain import bench_pretrain
-
-        r = bench_pretrain()
-        print(
-            f"make pretrain (fresh shards and run folder each time): {', '.join(f'{x:.0f} s' for x in r['seconds'])}; "
-            f"median {r['median_seconds']:.0f} s"
-        )
-        record("pretrain", r, {"pretrain_seconds_median": r["median_seconds"]})
-    if "packing" in which:
-        from fvl.bench_packing import bench_packing
-
-        r = bench_packing()
-        print(
-            f"packing (tiny, 576 image + 20-1500 text tokens, batch {r['batch']}, rows of {r['max_length']}): padded "
-            f"{r['padded']['tokens_per_s']:.0f} tokens/s, padding {r['padded']['padding_fraction']:.1%}; packed "
-            f"{r['packed']['tokens_per_s']:.0f} tokens/s, padding {r['packed']['padding_fraction']:.1%}: "
-            f"{r['tokens_per_s_gain']:.2f}x"
-        )
-        record("packing", r, {"packing_tokens_per_s_gain": r["tokens_per_s_gain"]})
+    # The others: each fvl.bench_NAME module measures (its runner here picks the arguments), says
+    # its figures in ``lines`` and names the headline figure it measures in ``HEADLINE``.
+    runners = {
+        "images": lambda m: m.bench_images(n=min(samples, 24)),
+        "loader": lambda m: m.bench_loader(samples),
+        "features": lambda m: m.bench_features(
+            arch="base", batch=2, repeats=2, device=device, compile=compile_tower
+        ),
+        "pretrain": lambda m: m.bench_pretrain(),
+        "packing": lambda m: m.bench_packing(),
+    }
+    for name, runner in runners.items():
+        if name not in which:
+            continue
+        module = importlib.import_module(f"fvl.bench_{name}")
+        figures = runner(module)
+        for line in module.lines(figures):
+            print(line)
+        headline = getattr(module, "HEADLINE", None)
+        record(name, figures, {headline[0]: figures[headline[1]]} if headline else None)
 
 
 if __name__ == "__main__":  # python -m fvl.bench step  (the same as fvl bench step)

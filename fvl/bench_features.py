@@ -155,3 +155,10 @@ def summary(result: dict) -> str:
         f"{r['reference_ms']:.1f} ms/image, {r['speedup']:.2f}x (median of {r['repeats']}; "
         f"max |diff| {r['max_abs_diff']:.1e})"
     )
+
+
+HEADLINE = ("feature_extraction_speedup", "speedup")
+
+
+def lines(r: dict) -> list[str]:
+    return [summary(r)]

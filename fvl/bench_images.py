@@ -121,3 +121,13 @@ def bench_images(n: int = 24, size: int = 768, repeats: int = 5) -> dict:
             "jpeg_2250x1500": _compare(files["jpeg"], size, repeats),
             "png_512x512": _compare(files["png"], size, repeats),
         }
+
+
+def lines(r: dict) -> list[str]:
+    """The figures of ``bench_images``, a line per image kind."""
+    return [
+        f"images {kind} -> {r['size']} px, ms per image: naive {f['naive_ms']:.1f}, pad {f['pad_ms']:.1f} "
+        f"({f['pad_vs_naive']:.2f}x), square {f['square_ms']:.1f} ({f['square_vs_naive']:.2f}x), "
+        f"before {f['before_ms']:.1f} ({f['before_vs_naive']:.2f}x)"
+        for kind, f in ((k, r[k]) for k in ("jpeg_2250x1500", "png_512x512"))
+    ]

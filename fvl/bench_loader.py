@@ -113,3 +113,13 @@ def bench_loader(samples: int = 64, size: int = 768, batch: int = 8, repeats: in
                 **{f"{w}_workers_images_per_s": _images_per_s(reader, catalog, w, batch) for w in (1, 2)},
             }
     return results
+
+
+def lines(r: dict) -> list[str]:
+    """The figures of ``bench_loader``, a line per image kind."""
+    return [
+        f"loader {kind} -> pad {r['size']} px uint8: in-process {f['in_process_ms']:.1f} ms/sample vs naive "
+        f"decode+resize {f['naive_ms']:.1f} ms ({f['in_process_vs_naive']:.2f}x); 1 worker "
+        f"{f['1_workers_images_per_s']:.1f} img/s, 2 workers {f['2_workers_images_per_s']:.1f} img/s"
+        for kind, f in ((k, r[k]) for k in KINDS)
+    ]

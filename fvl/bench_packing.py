@@ -105,3 +105,16 @@ def bench_packing(samples: int = 32, batch: int = 8, repeats: int = 3, max_lengt
         p / q for p, q in zip(seconds["padded"], seconds["packed"], strict=True)
     )
     return out
+
+
+HEADLINE = ("packing_tokens_per_s_gain", "tokens_per_s_gain")
+
+
+def lines(r: dict) -> list[str]:
+    padded, packed = r["padded"], r["packed"]
+    return [
+        f"packing (tiny, 576 image + 20-1500 text tokens, batch {r['batch']}, rows of {r['max_length']}): padded "
+        f"{padded['tokens_per_s']:.0f} tokens/s, padding {padded['padding_fraction']:.1%}; packed "
+        f"{packed['tokens_per_s']:.0f} tokens/s, padding {packed['padding_fraction']:.1%}: "
+        f"{r['tokens_per_s_gain']:.2f}x"
+    ]

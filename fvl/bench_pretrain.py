@@ -39,3 +39,13 @@ def bench_pretrain(runs: int = 3, extra: list[str] | None = None) -> dict:
         "median_seconds": statistics.median(seconds),
         "extra": extra or [],
     }
+
+
+HEADLINE = ("pretrain_seconds_median", "median_seconds")
+
+
+def lines(r: dict) -> list[str]:
+    runs = ", ".join(f"{x:.0f} s" for x in r["seconds"])
+    return [
+        f"make pretrain (fresh shards and run folder each time): {runs}; median {r['median_seconds']:.0f} s"
+    ]

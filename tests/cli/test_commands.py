@@ -148,3 +148,15 @@ def test_bench_pretrain_times_make_pretrains_command(monkeypatch):
     assert len(calls) == 3 and r["median_seconds"] == sorted(r["seconds"])[1]
     assert calls[0][3:5] == ["train", "experiments/pretrain.yaml"]  # what make pretrain runs
     assert len({c[5] for c in calls}) == 3  # a fresh run folder (and shards) each time
+
+
+def test_every_bench_module_says_its_figures_and_names_a_known_headline():
+    import importlib
+
+    from fvl.bench import HEADLINES
+
+    for name in ("images", "loader", "features", "pretrain", "packing"):
+        module = importlib.import_module(f"fvl.bench_{name}")
+        assert callable(module.lines), name
+        headline = getattr(module, "HEADLINE", None)
+        assert headline is None or headline[0] in HEADLINES, name
