@@ -65,6 +65,8 @@ def bench_step(
     text_tokens: int = 512,
     fsdp: bool = False,
     batch: int = 0,
+    overrides: list[str] | None = None,
+    cached: bool = False,
 ) -> dict[str, float]:
     """The shipped ``florence_vl_3b_finetune`` configuration at real size with random init: its precision
     (float32 master weights, frozen tower in bf16, bf16 autocast), gradient checkpointing, optimizer,
@@ -72,7 +74,9 @@ def bench_step(
     tiny preset (a CPU smoke test). ``fsdp=True`` shards the model with fvl's FSDP2 wrapping over the
     processes started (one without a launcher; ``torchrun`` for more), times the same step, then gathers
     the full state and writes the consolidated safetensors once, as a training run ends. ``batch`` overrides
-    the micro batch.
+    the micro batch; ``overrides``: more config overrides (e.g. ``train.optimizer=adamw_fused``).
+    ``cached=True`` steps as a run with ``data.feature_cache`` does: the batch carries the images' fused
+    features (bf16, computed once beforehand) and the tower never runs.
 
     Model FLOPs per step (recompute left out): 6 x trainable parameters x the tokens they see (LLM: every
     position; projector: image tokens; the input embedding is a lookup and counts nothing), 2 x frozen
@@ -88,10 +92,10 @@ def bench_step(
     from fvl.train.module import build_module
 
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    overrides = ["init_from=null", "train.warmup_ratio=0"]
+    settings = ["init_from=null", "train.warmup_ratio=0", *(overrides or [])]
     if not tiny:
-        overrides += ["model.vision.init=random", "model.llm.init=random"]
-    cfg = load("finetune" if tiny else "florence_vl_3b_finetune", overrides)
+        settings += ["model.vision.init=random", "model.llm.init=random"]
+    cfg = load("finetune" if tiny else "florence_vl_3b_finetune", settings)
     with torch.device(device):  # random init straight on the device
         module = build_module(cfg)
     module.model.train()
@@ -126,6 +130,10 @@ def bench_step(
         model.encode_images(data["pixel_values"])
     vision_forward = counter.get_total_flops() - 2 * params(model.projector, True) * image_tokens
     vision_trains = model.vision_trainable()
+    if cached:  # the feature cache's batches: fused features in bf16, no pixels
+        with torch.no_grad(), amp:
+            data["image_features"] = model.fuse_images(data.pop("pixel_values")).to(torch.bfloat16)
+        vision_forward = 0
     flops = (
         6 * params(model.llm, True) * tokens
         + 2 * params(model.llm, False) * tokens
@@ -163,6 +171,8 @@ def bench_step(
     return {
         **extra,
         "strategy": f"fsdp2 over {world} process(es)" if fsdp else "single device",
+        "feature_cache": cached,
+        "overrides": list(overrides or []),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "ms_per_step": 1000 * seconds,
         "tokens_per_s": tokens / seconds,
@@ -243,12 +253,17 @@ def versions() -> dict[str, str]:
 
 
 def record(
-    bench: str, figures: dict, headlines: dict[str, float | None] | None = None, path: Path = LATEST
+    bench: str,
+    figures: dict,
+    headlines: dict[str, float | None] | None = None,
+    path: Path = LATEST,
+    stamp: dict[str, str] | None = None,
 ) -> None:
     """Merge one benchmark's figures (and the headline figures it measured) into ``benchmarks/latest.json``,
-    with the date, machine and versions of this run; other benchmarks' latest figures stay."""
+    with the date, machine and versions of this run (``stamp``: those of the machine that measured them,
+    when that was another one, e.g. a GPU machine's results file); other benchmarks' latest figures stay."""
     latest = json.loads(path.read_text()) if path.exists() else {}
-    stamp = {"date": dt.date.today().isoformat(), "machine": machine(), **versions()}
+    stamp = stamp or {"date": dt.date.today().isoformat(), "machine": machine(), **versions()}
     latest.setdefault("results", {})[bench] = {**stamp, **figures}
     for key, why in HEADLINES.items():
         latest.setdefault(key, {"value": None, "why": why})
@@ -293,6 +308,7 @@ def run(
         ),
         "pretrain": lambda m: m.bench_pretrain(),
         "packing": lambda m: m.bench_packing(),
+        "cache": lambda m: m.bench_cache(),
     }
     for name, runner in runners.items():
         if name not in which:

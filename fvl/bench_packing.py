@@ -52,33 +52,55 @@ def _samples(processor, n: int, seed: int) -> list:
     return out
 
 
-def _step_time(model, optimizer, batch) -> float:
+def _step_time(model, optimizer, batch, device: str) -> float:
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    loss = model(batch).loss
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+        loss = model(batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def bench_packing(samples: int = 32, batch: int = 8, repeats: int = 3, max_length: int = 2048) -> dict:
-    """Tokens per second and padding fraction, padded vs packed (see the module docstring)."""
+def _model_config(config: str, max_length: int):
+    """The model of ``config``: the tiny preset with its tower at 384 px (576 tokens an image, as the real
+    presets have), or a shipped experiment at real size with random init."""
     from fvl.config import load
+
+    if config == "tiny":
+        overrides = [
+            "model.vision.image_size=384",
+            "model.vision.arch.text_config.max_position_embeddings=1024",
+            f"model.llm.arch.max_position_embeddings={2 * max_length}",
+        ]
+    else:
+        overrides = ["model.vision.init=random", "model.llm.init=random", "init_from=null"]
+    return load(config, [*overrides, f"model.text.max_length={max_length}"]).model
+
+
+def bench_packing(
+    samples: int = 32,
+    batch: int = 8,
+    repeats: int = 3,
+    max_length: int = 2048,
+    config: str = "tiny",
+    device: str = "cpu",
+) -> dict:
+    """Tokens per second and padding fraction, padded vs packed (see the module docstring). ``config``:
+    ``tiny`` or a shipped experiment (``florence_vl_3b_finetune``: real size, random init, bf16 autocast
+    on a GPU, its attention implementation and checkpointing)."""
     from fvl.data.collate import collate
     from fvl.data.packing import collate_packed
     from fvl.models import build_model
 
     torch.manual_seed(0)
-    cfg = load(
-        "tiny",
-        [
-            "model.vision.image_size=384",  # 24 x 24 = 576 tokens an image, as the real presets have
-            "model.vision.arch.text_config.max_position_embeddings=1024",
-            f"model.llm.arch.max_position_embeddings={2 * max_length}",
-            f"model.text.max_length={max_length}",
-        ],
-    ).model
-    model = build_model(cfg).train()
+    with torch.device(device):
+        model = build_model(_model_config(config, max_length)).train()
     processor = model.processor.with_resize_mode("pad")
     data = _samples(processor, samples, seed=0)
     groups = [data[i : i + batch] for i in range(0, len(data), batch)]
@@ -86,14 +108,16 @@ def bench_packing(samples: int = 32, batch: int = 8, repeats: int = 3, max_lengt
         "padded": [collate(g, processor.pad_token_id) for g in groups],
         "packed": [collate_packed(g, max_length, processor.pad_token_id) for g in groups],
     }
+    ways = {w: [_to(b, device) for b in batches] for w, batches in ways.items()}
     tokens = sum(len(s.input_ids) for s in data)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    _step_time(model, optimizer, ways["padded"][0])  # warm-up
+    _step_time(model, optimizer, ways["padded"][0], device)  # warm-up
     seconds: dict[str, list[float]] = {w: [] for w in ways}
     for _ in range(repeats):
         for way, batches in ways.items():
-            seconds[way].append(sum(_step_time(model, optimizer, b) for b in batches))
+            seconds[way].append(sum(_step_time(model, optimizer, b, device) for b in batches))
     out: dict = {"samples": samples, "batch": batch, "max_length": max_length, "repeats": repeats}
+    out |= {"config": config, "device": device, "attention": model.cfg.llm.attn_implementation}
     for way, batches in ways.items():
         cells = sum(b["input_ids"].numel() for b in batches)
         out[way] = {
@@ -107,13 +131,18 @@ def bench_packing(samples: int = 32, batch: int = 8, repeats: int = 3, max_lengt
     return out
 
 
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "ids"}
+
+
 HEADLINE = ("packing_tokens_per_s_gain", "tokens_per_s_gain")
 
 
 def lines(r: dict) -> list[str]:
     padded, packed = r["padded"], r["packed"]
     return [
-        f"packing (tiny, 576 image + 20-1500 text tokens, batch {r['batch']}, rows of {r['max_length']}): padded "
+        f"packing ({r.get('config', 'tiny')} on {r.get('device', 'cpu')}, {r.get('attention', 'sdpa')}, 576 image + "
+        f"20-1500 text tokens, batch {r['batch']}, rows of {r['max_length']}): padded "
         f"{padded['tokens_per_s']:.0f} tokens/s, padding {padded['padding_fraction']:.1%}; packed "
         f"{packed['tokens_per_s']:.0f} tokens/s, padding {packed['padding_fraction']:.1%}: "
         f"{r['tokens_per_s_gain']:.2f}x"

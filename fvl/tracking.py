@@ -28,6 +28,10 @@ class TrackingConfig:
     run_name: MLflow run name (default: ``{name}-{stage}``).
     sweep: sweep name (set by ``fvl sweep``; logged as a tag).
     tags: extra tags.
+    retry_seconds: while the store does not answer mid-run, training goes on and tracking writes are kept;
+      they are retried at most this often.
+    final_wait_seconds: at the end of a run, how long to keep retrying; what still cannot be written is saved
+      to ``unsent_tracking.jsonl`` in the run folder.
     """
 
     uri: str = ""
@@ -35,6 +39,8 @@ class TrackingConfig:
     run_name: str = ""
     sweep: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    retry_seconds: float = 30.0
+    final_wait_seconds: float = 60.0
 
 
 def tracking_uri(cfg: TrackingConfig | None = None) -> str:

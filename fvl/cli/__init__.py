@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "export": (c.ExportArgs, c.export),
     "shards build": (c.ShardsBuildArgs, c.shards_build),
     "shards merge": (c.ShardsMergeArgs, c.shards_merge),
+    "features build": (c.FeaturesBuildArgs, c.features_build),
     "bench": (c.BenchArgs, c.bench),
     "notebooks": (c.NotebooksArgs, c.notebooks),
 }
@@ -58,11 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verbose:
         return int(func(args) or 0)
     from fvl.config import ConfigError
+    from fvl.data.feature_cache import FeatureCacheError
     from fvl.data.recipes import RecipeError
 
     try:
         return int(func(args) or 0)
-    except (ConfigError, RecipeError, FileNotFoundError) as e:
+    except (ConfigError, RecipeError, FeatureCacheError, FileNotFoundError) as e:
         print(f"fvl {name}: error: {e} (-v for the traceback)", file=sys.stderr)
         return 2
 

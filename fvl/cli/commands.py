@@ -151,6 +151,63 @@ def shards_merge(args: ShardsMergeArgs) -> int:
 
 # ---- training ----------------------------------------------------------------------------------------------
 @dataclass
+class FeaturesBuildArgs:
+    """Run a checkpoint's frozen tower once over the shards' images and write the fused features (a feature
+    cache that data.feature_cache=DIR reads instead of running the tower).
+
+    checkpoint: weights file, run folder or latest (the newest run under --runs).
+    shards: folder of built shards (their manifest.json).
+    out: output folder of the cache.
+    sources: sources whose shards to cover (default: all in the manifest).
+    resize_mode: the image transform of the stage that reads the cache: pad (finetune) or square (align).
+    dtype: storage dtype of the features: bfloat16, float16 or float32.
+    batch_size: images per tower forward.
+    workers: DataLoader worker processes decoding images.
+    device: auto (a GPU when there is one), cuda or cpu.
+    runs: where latest looks for runs.
+    quiet: no progress bar.
+    """
+
+    checkpoint: str = field(metadata=_POS)
+    shards: str = "shards/synthetic"
+    out: str = ""
+    sources: list[str] = field(default_factory=list)
+    resize_mode: str = "pad"
+    dtype: str = "bfloat16"
+    batch_size: int = 32
+    workers: int = 1
+    device: str = "auto"
+    runs: str = "runs"
+    quiet: bool = False
+
+
+def features_build(args: FeaturesBuildArgs) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fvl.data.shards import load_manifest
+    from fvl.data.shardset import shard_set
+    from fvl.features import build_features
+
+    if not args.out:
+        raise FileNotFoundError("--out DIR: where to write the feature cache")
+    total = shard_set(args.shards, load_manifest(args.shards), args.sources or None).total
+    columns = (TextColumn("[bold]features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=args.quiet, transient=True) as bar:
+        task = bar.add_task("features", total=total)
+        manifest = build_features(
+            args.checkpoint, args.shards, args.out, args.sources, args.resize_mode, args.dtype,
+            args.batch_size, args.workers, args.device, args.runs, progress=lambda n: bar.advance(task, n),
+        )  # fmt: skip
+    ident = manifest["identity"]
+    print(
+        f"feature cache {args.out}: {len(manifest['shards'])} shards, {ident['tokens']} x {ident['dim']} "
+        f"{ident['dtype']} per image, skipped {manifest['skipped'] or 'none'}, {manifest['seconds']:.0f} s; "
+        f"train with data.feature_cache={args.out}"
+    )
+    return 0
+
+
+@dataclass
 class TrainArgs:
     """Train a stage from an experiment YAML.
 
@@ -372,8 +429,8 @@ class BenchArgs:
     """Benchmarks with the machine and date (figures, never asserted in tests).
 
     which: images (decode + preprocess per image at 768 px), loader (the shard reader in-process and with
-      workers, PNGs and JPEG photos), packing (padded vs packed training steps at LLaVA-like lengths)
-      features (Florence-2 feature extraction, fvl's way vs a full forward per prompt, at base size; the
+      workers, PNGs and JPEG photos), packing (padded vs packed training steps at LLaVA-like lengths),
+      cache (make finetune's configuration with and without a feature cache, samples/s), features (Florence-2 feature extraction, fvl's way vs a full forward per prompt, at base size; the
       large size on a GPU), pretrain (the median of three runs of make pretrain's command, shard build
       included) and / or step (a training step of the shipped 3B finetune configuration at real size, with
       MFU; a GPU check). Each writes its figures into benchmarks/latest.json.
@@ -391,7 +448,7 @@ class BenchArgs:
         default_factory=lambda: ["images", "loader", "packing"],
         metadata={
             "positional": True,
-            "choices": ("images", "loader", "packing", "features", "pretrain", "step"),
+            "choices": ("images", "loader", "packing", "cache", "features", "pretrain", "step"),
         },
     )
     samples: int = 64

@@ -12,7 +12,8 @@ from fvl.text.templates import IGNORE_INDEX
 
 @dataclass
 class Sample:
-    """One model-ready sample: ids/labels from a template and its images (``[3, S, S]`` each, maybe none)."""
+    """One model-ready sample: ids/labels from a template and its images, each ``uint8 [3, S, S]`` or, read
+    from a feature cache, its fused features ``[tokens, dim]`` (maybe none)."""
 
     input_ids: list[int]
     labels: list[int]
@@ -24,7 +25,7 @@ def collate(
     samples: Sequence[Sample], pad_token_id: int, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:
     """``input_ids``/``attention_mask``/``labels`` padded to the longest sample (labels padded with -100),
-    ``pixel_values`` of all images (absent when the batch is text-only) and the samples' ``ids``."""
+    the images (``stack_images``: absent when the batch is text-only) and the samples' ``ids``."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     width = max(len(s.input_ids) for s in samples)
@@ -38,7 +39,13 @@ def collate(
         labels[row, cols] = torch.tensor(s.labels, dtype=torch.long)
         mask[row, cols] = 1
     batch: dict = {"input_ids": ids, "attention_mask": mask, "labels": labels, "ids": [s.id for s in samples]}
-    images = [im for s in samples for im in s.images]
-    if images:
-        batch["pixel_values"] = torch.stack(images)
+    batch.update(stack_images([im for s in samples for im in s.images]))
     return batch
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch entry of a batch's images, in placeholder order: ``pixel_values`` ``[N, 3, S, S]``, or
+    ``image_features`` ``[N, tokens, dim]`` when they are cached fused features; nothing for none."""
+    if not images:
+        return {}
+    return {"image_features" if images[0].dim() == 2 else "pixel_values": torch.stack(list(images))}

@@ -32,6 +32,10 @@ class DataConfig:
     pack_length: tokens per packed row (0: ``model.text.max_length``). With flash-attention on a GPU, a
       batch's worth (batch_size x max_length) flattens each batch into one row and removes the padding
       entirely; under SDPA or eager attention the mask grows with the square of it.
+    feature_cache: a feature cache folder (``fvl features build CHECKPOINT --shards DIR --out DIR``): the
+      stage reads each image's fused features from it instead of running the vision tower. Only for stages
+      whose tower and fusion train nothing (finetune, align); a cache built from another checkpoint, fusion,
+      feature set, resize mode or other shards is refused. Empty: no cache.
     build_workers: processes used to build missing shards.
     val_split: where validation samples come from: ``synthetic`` (generated on the fly for the stage's
       ``val_task``) | ``heldout`` (the last ``val_shards`` shards of every source read, kept out of training).
@@ -52,6 +56,7 @@ class DataConfig:
     length_window: int = 32
     packing: bool = False
     pack_length: int = 0
+    feature_cache: str = ""
     build_workers: int = 2
     val_split: str = "synthetic"
     val_shards: int = 1

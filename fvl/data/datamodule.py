@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from fvl.data.collate import collate
 from fvl.data.config import DataConfig
+from fvl.data.feature_cache import FeatureSpans, check_cache, load_cache_manifest
 from fvl.data.plan import EpochBatches, PlanSettings
 from fvl.data.reader import Catalog, PlannedLoader, ShardReader, as_is
 from fvl.data.recipes import Recipe, load_recipe, resolve_recipe_path
@@ -103,18 +104,29 @@ class FVLDataModule(L.LightningDataModule):
 
     val_task: the task of the synthetic validation split (the stage's ``val_task``: ``caption`` | ``qa``).
     seed: fixes every epoch's order (with the epoch number).
+    feature_identity: the model's ``fvl.data.feature_cache.identity_of`` when ``data.feature_cache`` is set
+        (the trainer passes it): the cache must match it. Without it only the shards, the resize mode and the
+        feature shape are checked.
     """
 
     def __init__(
-        self, cfg: DataConfig, processor: Processor, val_task: str = "caption", seed: int = 0
+        self,
+        cfg: DataConfig,
+        processor: Processor,
+        val_task: str = "caption",
+        seed: int = 0,
+        feature_identity: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.processor = processor
         self.val_task = val_task
         self.seed = seed
+        self.feature_identity = feature_identity
         self.train_catalog: Catalog | None = None
         self.val_catalog: Catalog | None = None
+        self.train_features: FeatureSpans | None = None
+        self.val_features: FeatureSpans | None = None
         self.weights: dict[str, float] = {}
         self.setup_skips: dict[str, int] = {}
         self._train_loader: PlannedLoader | None = None
@@ -141,12 +153,34 @@ class FVLDataModule(L.LightningDataModule):
         self.weights = read_weights(self.cfg, list(shards.urls))
         self.train_catalog = Catalog.build(shards.urls, shards.shard_samples)
         self.val_catalog = Catalog.build(held.urls, held.shard_samples) if held else None
+        if self.cfg.feature_cache:
+            self._attach_cache(manifest, shards, held)
         self.setup_skips = {"corrupt_shard": sum(self.train_catalog.missing.values())}
         if self.setup_skips["corrupt_shard"]:
             log.warning(
                 "damaged shards: %s samples listed in %s cannot be read and are skipped (rebuild with "
                 "fvl shards build)", self.train_catalog.missing, folder / MANIFEST
             )  # fmt: skip
+
+    def _attach_cache(self, manifest: dict[str, Any], shards: ShardSet, held: ShardSet | None) -> None:
+        """Check ``data.feature_cache`` against this run and line its entries up with the samples read."""
+        cache = self.cfg.feature_cache
+        built = load_cache_manifest(cache)
+        read = {u for s in (shards, held) if s is not None for urls in s.urls.values() for u in urls}
+        entries = [sh for sh in manifest["shards"] if str(Path(self.cfg.shards) / sh["path"]) in read]
+        identity = self.feature_identity or {
+            k: built["identity"].get(k) for k in ("weights_sha256", "vision", "fusion", "features")
+        }
+        expected = {
+            **identity,
+            "resize_mode": self.processor.transform.mode,
+            "tokens": self.processor.image_tokens,
+        }
+        check_cache(built, expected, entries, cache)
+        self.train_features = FeatureSpans.aligned(cache, self.train_catalog.paths, self.train_catalog.shard)
+        if self.val_catalog is not None:
+            self.val_features = FeatureSpans.aligned(cache, self.val_catalog.paths, self.val_catalog.shard)
+        log.info("data.feature_cache=%s: image features read from the cache (the tower is skipped)", cache)
 
     def plan(self) -> EpochBatches:
         """This rank's epoch plan over the training catalog."""
@@ -170,7 +204,7 @@ class FVLDataModule(L.LightningDataModule):
         if self.cfg.packing and not pack:
             raise ValueError("data.packing needs data.pack_length or model.text.max_length (a row's length)")
         self._train_loader = PlannedLoader(
-            ShardReader(self.train_catalog, self.processor, pack=pack),
+            ShardReader(self.train_catalog, self.processor, pack=pack, features=self.train_features),
             plan,
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -212,18 +246,25 @@ class FVLDataModule(L.LightningDataModule):
         ids = list(range(rank, per_rank * world, world))
         batches = [ids[i : i + self.cfg.batch_size] for i in range(0, len(ids), self.cfg.batch_size)]
         return DataLoader(
-            ShardReader(self.val_catalog, self.processor), sampler=batches, batch_size=None, collate_fn=as_is
+            ShardReader(self.val_catalog, self.processor, features=self.val_features),
+            sampler=batches,
+            batch_size=None,
+            collate_fn=as_is,
         )
 
 
 def build_datamodule(
-    cfg: DictConfig | Any, stage: Any = None, processor: Processor | None = None
+    cfg: DictConfig | Any,
+    stage: Any = None,
+    processor: Processor | None = None,
+    feature_identity: dict[str, Any] | None = None,
 ) -> FVLDataModule:
     """The DataModule of a loaded experiment config (``fvl.config.load``), without building the model.
 
     stage: a stage (its name, or a ``StageConfig``); when it is not ``cfg``'s own, its YAML applies on top
     of ``cfg`` (its sources, resize mode and validation task); None keeps ``cfg.stage``. processor: reuse one
-    (the model's); default: built from ``cfg.model``."""
+    (the model's); default: built from ``cfg.model``. feature_identity: what ``data.feature_cache`` must have
+    been built with (``fvl.data.feature_cache.identity_of`` of the model)."""
     from fvl.config import as_experiment, with_stage
     from fvl.models.processor import build_processor
 
@@ -234,4 +275,4 @@ def build_datamodule(
     if processor is None:
         processor = build_processor(exp.model)
     processor = processor.with_resize_mode(exp.stage.resize_mode)
-    return FVLDataModule(exp.data, processor, exp.stage.val_task, exp.seed)
+    return FVLDataModule(exp.data, processor, exp.stage.val_task, exp.seed, feature_identity)

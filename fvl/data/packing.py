@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fvl.data.collate import Sample
+from fvl.data.collate import Sample, stack_images
 from fvl.text.templates import IGNORE_INDEX
 
 
@@ -38,7 +38,7 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def collate_packed(samples: Sequence[Sample], capacity: int, pad_token_id: int) -> dict:
     """``input_ids``/``labels``/``position_ids`` of the packed rows, padded to the longest row (padding is its
-    own short sequence whose labels are ignored), ``pixel_values`` in placeholder order, the ``ids`` in row
+    own short sequence whose labels are ignored), the images in placeholder order (``stack_images``), the ``ids`` in row
     order and ``samples_per_row``."""
     rows = pack_rows([len(s.input_ids) for s in samples], capacity)
     width = max(sum(len(samples[i].input_ids) for i in row) for row in rows)
@@ -61,6 +61,5 @@ def collate_packed(samples: Sequence[Sample], capacity: int, pad_token_id: int) 
         positions[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, never a target
     batch: dict = {"input_ids": ids, "labels": labels, "position_ids": positions, "ids": order}
     batch["samples_per_row"] = [len(row) for row in rows]
-    if images:
-        batch["pixel_values"] = torch.stack(images)
+    batch.update(stack_images(images))
     return batch

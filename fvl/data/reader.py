@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fvl.data.collate import Sample, collate
+from fvl.data.feature_cache import FeatureCacheError, FeatureSpans
 from fvl.data.packing import collate_packed
 from fvl.data.plan import EpochBatches, Sources
 from fvl.data.sources import SKIP_REASONS, Skip
@@ -48,20 +50,29 @@ STREAM_SKIP_REASONS = (
 MAX_REFILL_TRIES = 64
 
 
-def decode_sample(raw: dict[str, Any], processor: Processor) -> Sample:
-    """A raw shard sample (``json`` + image bytes) -> a model-ready ``Sample`` with uint8 images; bad input
-    raises ``Skip``. Each image is decoded once, at the size the tower needs."""
+def decode_sample(
+    raw: dict[str, Any], processor: Processor, features: list[torch.Tensor] | None = None
+) -> Sample:
+    """A raw shard sample (``json`` + image bytes) -> a model-ready ``Sample`` with uint8 images, or with the
+    images' cached ``features`` when given (the image bytes are then not decoded); bad input raises
+    ``Skip``. Each image is decoded once, at the size the tower needs."""
     try:
         meta = json.loads(raw["json"])
         conversations = meta["conversations"]
         keys = list(meta.get("image_keys", []))
     except (KeyError, ValueError, TypeError) as e:
         raise Skip("bad_json", f"{raw.get('__key__')}: {e}") from None
-    missing = [k for k in keys if k not in raw]
-    if missing:
-        raise Skip("missing_image", f"{raw.get('__key__')}: no {missing}")
     sample_id = str(meta.get("id") or raw.get("__key__", ""))
     try:
+        if features is not None:
+            if len(features) != len(keys):
+                raise FeatureCacheError(
+                    f"{sample_id}: {len(features)} cached feature sets for {len(keys)} images; rebuild the cache"
+                )
+            return processor.with_images(conversations, features, sample_id)
+        missing = [k for k in keys if k not in raw]
+        if missing:
+            raise Skip("missing_image", f"{raw.get('__key__')}: no {missing}")
         return processor(conversations, [raw[k] for k in keys], sample_id)
     except ImageError as e:  # its message names the sample already
         raise Skip(e.reason, str(e)) from None
@@ -133,15 +144,24 @@ class Catalog:
 
 class ShardReader(Dataset):
     """``reader[ids]`` -> one collated batch of those samples (``ids``, ``labels``, uint8 ``pixel_values``
-    ``[N, 3, S, S]``, ``skipped`` reason -> count, ``num_tokens``, ``padding_fraction``). Picklable: open
-    files are per process and reopened after a fork."""
+    ``[N, 3, S, S]`` - or, with ``features`` (a feature cache), ``image_features`` ``[N, tokens, dim]`` -,
+    ``skipped`` reason -> count, ``num_tokens``, ``padding_fraction``). Picklable: open files are per process
+    and reopened after a fork."""
 
-    def __init__(self, catalog: Catalog, processor: Processor, pack: int = 0, max_open: int = 64) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        processor: Processor,
+        pack: int = 0,
+        max_open: int = 64,
+        features: FeatureSpans | None = None,
+    ) -> None:
         self.catalog = catalog
         self.processor = processor
         self.pack = pack  # > 0: pack samples into rows of this many tokens (fvl.data.packing)
         self.max_open = max_open
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self.features = features  # a feature cache: batches carry image_features instead of pixel_values
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
@@ -150,17 +170,17 @@ class ShardReader(Dataset):
     def __len__(self) -> int:
         return len(self.catalog)
 
-    def _fd(self, shard: int) -> int:
+    def _fd(self, path: str) -> int:
         if self._pid != os.getpid():  # a forked worker must not use its parent's descriptors' state
             self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.get(shard)
+        fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(self.catalog.paths[shard], os.O_RDONLY)
-            self._fds[shard] = fd
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
             if len(self._fds) > self.max_open:
                 os.close(self._fds.popitem(last=False)[1])
         else:
-            self._fds.move_to_end(shard)
+            self._fds.move_to_end(path)
         return fd
 
     def raw(self, i: int) -> dict[str, Any]:
@@ -168,7 +188,7 @@ class ShardReader(Dataset):
         c = self.catalog
         start, end = int(c.start[i]), int(c.end[i])
         try:
-            data = os.pread(self._fd(int(c.shard[i])), end - start, start)
+            data = os.pread(self._fd(c.paths[int(c.shard[i])]), end - start, start)
             if len(data) != end - start:
                 raise tarfile.ReadError(f"short read: {len(data)} of {end - start} bytes")
             return parse_sample(data)
@@ -176,7 +196,12 @@ class ShardReader(Dataset):
             raise Skip("corrupt_shard", f"{c.paths[int(c.shard[i])]}@{start}: {e}") from None
 
     def sample(self, i: int) -> Sample:
-        return decode_sample(self.raw(i), self.processor)
+        raw = self.raw(i)
+        if self.features is None:
+            return decode_sample(raw, self.processor)
+        f = self.features
+        fd = self._fd(f.paths[int(f.shard[i])])
+        return decode_sample(raw, self.processor, f.read(i, fd, str(raw["__key__"])))
 
     def __getitem__(self, ids: Sequence[int]) -> dict[str, Any]:
         samples: list[Sample] = []
@@ -189,6 +214,8 @@ class ShardReader(Dataset):
         if not samples:
             samples.append(self._refill(int(ids[0]) if len(ids) else 0, skipped))
         batch = batch_of(samples, self.processor.pad_token_id, skipped, self.pack)
+        if self.features is not None:  # present even when text-only: the model then never runs the tower
+            batch.setdefault("image_features", self.features.empty)
         # Counted here, on the CPU: the model then checks placeholders against images without a sync.
         batch["num_placeholders"] = int((batch["input_ids"] == self.processor.tokenizer.image_token_id).sum())
         return batch

@@ -78,11 +78,11 @@ def is_json_lines(source: SourceConfig) -> bool:
     return source.format == "caption_jsonl" or str(source.annotations).endswith(".jsonl")
 
 
-def _json_lines(path: str | None) -> Iterator[str]:
-    with open(str(path), encoding="utf-8") as f:
+def _json_lines(path: str | None) -> Iterator[bytes]:
+    with open(str(path), "rb") as f:
         for line in f:
             if line.strip():
-                yield line  # parsed per item, so that one bad line is one counted skip
+                yield line  # decoded and parsed per item: one bad line (not JSON, not UTF-8) is one counted skip
 
 
 def _json_array(path: str | None) -> Iterator[Any]:
@@ -196,9 +196,11 @@ def _sample(key: str, images: list[tuple[bytes, str]], meta: dict[str, Any]) -> 
     return sample
 
 
-def _parse_line(line: str) -> dict[str, Any]:
+def _parse_line(line: str | bytes) -> dict[str, Any]:
     try:
-        item = json.loads(line)
+        item = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except UnicodeDecodeError as e:
+        raise Skip("bad_json", f"not UTF-8: {e}") from None
     except json.JSONDecodeError as e:
         raise Skip("bad_json", str(e)) from None
     if not isinstance(item, dict):

@@ -57,8 +57,11 @@ def save_checkpoint(
     path: str | Path,
     extra_metadata: dict[str, str] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    commit: bool = True,
 ) -> Path:
     """Write the model's weights and config to one safetensors file, atomically (temp file + rename).
+    ``commit=False`` leaves the finished temp file in ``path``'s folder and returns its path, for a caller
+    that renames it together with another file (``fvl.train.checkpointing.commit``).
 
     A model whose LLM carries LoRA adapters (peft, on a float or a 4-bit NF4 base) is written merged: each
     adapted weight as base + B A x scale in float32, under the plain model's key names, with a config
@@ -81,6 +84,8 @@ def save_checkpoint(
         save_file(_merged_state_dict(model), str(tmp), metadata={**metadata, "fvl_config": config_yaml(cfg)})
     else:
         save_model(model, str(tmp), metadata={**metadata, "fvl_config": config_yaml(cfg)})
+    if not commit:
+        return tmp
     os.replace(tmp, path)
     return path
 

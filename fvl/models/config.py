@@ -142,6 +142,9 @@ class LLMConfig:
       weights, and compute runs in ``trainer.precision`` (``bf16-mixed``: autocast).
     attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2``.
     gradient_checkpointing: recompute LLM activations in backward to save memory.
+    keep_activations: with ``gradient_checkpointing``, this many of the last decoder layers keep their
+      activations instead (no recompute): spend memory that is left over on speed. A Phi-3.5 layer holds
+      about 1 GiB of activations at 8 x 1.1k tokens.
     quantization: ``none`` | ``nf4``: load the pretrained LLM's linear layers in 4-bit NF4 (bitsandbytes) -
       QLoRA, together with ``train.lora.enabled``.
     loss: how the training loss is computed: ``full`` (transformers builds the ``[batch, seq, vocab]``
@@ -158,11 +161,14 @@ class LLMConfig:
     frozen_dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    keep_activations: int = 0
     quantization: str = "none"
     loss: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice(self.loss, LOSS_MODES, "model.llm.loss")
+        if self.keep_activations < 0:
+            raise ValueError("model.llm.keep_activations must be >= 0")
         _check_choice(self.init, INITS, "model.llm.init")
         _check_choice(self.quantization, ("none", "nf4"), "model.llm.quantization")
         if self.quantization != "none" and self.init != "pretrained":

@@ -79,30 +79,47 @@ class FlorenceVL(nn.Module):
         return any(p.requires_grad for p in self.vision.parameters())
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> ``[B, num_image_tokens, d_llm]``. ``uint8`` images (what the processor makes)
-        are normalised here, on their device, in float32 and then cast to the tower's dtype; float pixels
-        are taken as already normalised. The tower runs without autograd only when none of its parameters
-        train (a frozen tower), never when a stage trains it."""
+        """``[B, 3, H, W]`` -> ``[B, num_image_tokens, d_llm]``: ``project(fuse_images(pixel_values))``."""
+        return self.project(self.fuse_images(pixel_values))
+
+    def fuse_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> the fused features ``[B, num_image_tokens, fusion.output_dim]`` (what a feature
+        cache stores). ``uint8`` images (what the processor makes) are normalised here, on their device, in
+        float32 and then cast to the tower's dtype; float pixels are taken as already normalised. The tower
+        runs without autograd only when none of its parameters train (a frozen tower), never when a stage
+        trains it."""
         tower_dtype = next(p.dtype for p in self.vision.parameters() if p.is_floating_point())
         pixels = self.processor.transform.normalize(pixel_values).to(tower_dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
             features = self.vision.features(pixels, self.fusion.names)
-        fused = self.fusion(features)
+        return self.fusion(features)
+
+    def project(self, fused: torch.Tensor) -> torch.Tensor:
+        """Fused features (computed now, or read from a feature cache) -> LLM embeddings."""
         first = next(self.projector.parameters())
         return self.projector(fused.to(first.dtype))
+
+    def features_frozen(self) -> bool:
+        """Whether the fused features are a fixed function of the image in this stage (tower and fusion
+        train nothing): the condition for a feature cache, and for skipping the tower on a blank image."""
+        return not any(p.requires_grad for m in (self.vision, self.fusion) for p in m.parameters())
 
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         placeholders: int | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """LLM input embeddings with image features merged at the placeholder positions. ``placeholders``:
-        the placeholder count when the caller counted it on the host (the data loader does, before the
-        batch moves), which spares a device-to-host sync per step; else it is counted here."""
+        """LLM input embeddings with image features merged at the placeholder positions. The images come as
+        ``pixel_values`` or, from a feature cache, as their fused features ``image_features`` ``[N,
+        num_image_tokens, fusion.output_dim]``. ``placeholders``: the placeholder count when the caller
+        counted it on the host (the data loader does, before the batch moves), which spares a device-to-host
+        sync per step; else it is counted here."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        images = image_features if image_features is not None and len(image_features) else pixel_values
+        n_images = 0 if images is None else int(images.shape[0])
         n_placeholders = int(mask.sum()) if placeholders is None else int(placeholders)
         if n_placeholders != n_images * self.num_image_tokens:
             raise ImageTokenMismatch(
@@ -111,15 +128,23 @@ class FlorenceVL(nn.Module):
                 "prompts with the model's template (each image placeholder is expanded to num_image_tokens)"
             )
         if n_images:
-            image_embeds = self.encode_images(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
+            if images is image_features:
+                image_embeds = self.project(image_features)
+            else:
+                image_embeds = self.encode_images(pixel_values)
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
         elif self.training and torch.is_grad_enabled() and self._image_path_trains():
             # A text-only micro batch still runs the image path, on one blank image weighted by zero (as
             # LLaVA does): every rank then has the same graph, so DDP finds no unused parameters and FSDP's
-            # collectives stay in step. The loss is unchanged; the image path's gradients are zeros.
-            size = self.vision.image_size
-            blank = embeds.new_zeros(1, 3, size, size, dtype=torch.float32)
-            embeds = embeds + 0.0 * self.encode_images(blank).to(embeds.dtype).sum()
+            # collectives stay in step. The loss is unchanged; the image path's gradients are zeros. Batches
+            # from a feature cache (``image_features`` present, maybe empty) never run the tower on any rank,
+            # so there the projector runs alone, on zero features.
+            if image_features is not None:
+                blank = self.project(embeds.new_zeros(1, self.num_image_tokens, self.fusion.output_dim))
+            else:
+                size = self.vision.image_size
+                blank = self.encode_images(embeds.new_zeros(1, 3, size, size, dtype=torch.float32))
+            embeds = embeds + 0.0 * blank.to(embeds.dtype).sum()
         return embeds
 
     def _image_path_trains(self) -> bool:
@@ -129,11 +154,17 @@ class FlorenceVL(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
         """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
-        ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float) and
+        ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float) or their
+        fused features ``image_features`` (from a feature cache, ``fvl.data.feature_cache``), and
         ``position_ids`` (packed batches: they restart at each sample). Returns the LLM output; ``.loss`` is
         the mean over supervised tokens, computed as ``model.llm.loss`` says (``fvl.models.loss``): with
         ``chunked`` or ``fused`` the full logits are never built and ``.logits`` is None."""
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("num_placeholders"))
+        embeds = self.embed(
+            batch["input_ids"],
+            batch.get("pixel_values"),
+            batch.get("num_placeholders"),
+            image_features=batch.get("image_features"),
+        )
         return causal_lm_loss(
             self.llm,
             embeds,

@@ -67,10 +67,17 @@ class Processor:
     ) -> Sample:
         """Tokenise, then make each image (encoded bytes are decoded once, at the size needed). Raises
         ``TemplateError`` for a bad conversation and ``ImageError`` (``.reason``) for bad image bytes."""
+        return self.with_images(conversations, [self.image(im, sample_id) for im in images], sample_id)
+
+    def with_images(
+        self, conversations: list[dict], images: Sequence[torch.Tensor], sample_id: str = ""
+    ) -> Sample:
+        """Tokenise around images already made: ``uint8 [3, S, S]`` tensors, or the fused features ``[tokens,
+        dim]`` a feature cache holds for them (``fvl.data.feature_cache``)."""
         t = self.template.tokenize(
             conversations, self.tokenizer, self.image_tokens, self.max_length, num_images=len(images)
         )
-        return Sample(t.input_ids, t.labels, [self.image(im, sample_id) for im in images], sample_id)
+        return Sample(t.input_ids, t.labels, list(images), sample_id)
 
     def image(self, image: ImageSource, where: str = "") -> torch.Tensor:
         """One image -> ``uint8 [3, S, S]``."""

@@ -5,9 +5,11 @@ themselves belong to ``fvl.runs.RunDir``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,9 +29,70 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+JOURNAL = ".commit.json"  # in a checkpoints folder while a pair of files is being renamed into place
+
+
+def commit(folder: Path, moves: dict[Path, Path]) -> None:
+    """Rename finished temp files to their final names as one unit (``moves``: final -> temp, all in
+    ``folder``). A journal listing the moves is written (and synced) first, so a crash between two renames is
+    completed by ``recover`` on the next start: a ``.ckpt`` and the ``.safetensors`` of the same step are
+    never left from different steps."""
+    journal = folder / JOURNAL
+    tmp = folder / f"{JOURNAL}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({str(t): str(final) for final, t in moves.items()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, journal)
+    for final, t in moves.items():
+        os.replace(t, final)
+    journal.unlink()
+
+
+def recover(folder: Path) -> list[str]:
+    """Finish a ``commit`` that a crash interrupted (its temp files were complete before the journal was
+    written) and delete the temp files of writes that were killed; returns what was done, for the log."""
+    done: list[str] = []
+    journal = folder / JOURNAL
+    if journal.is_file():
+        try:
+            moves = json.loads(journal.read_text())
+        except ValueError:
+            moves = {}  # a journal is written whole before any rename: unreadable means none began
+        for t, final in moves.items():
+            if Path(t).exists():
+                os.replace(t, final)
+                done.append(f"completed the interrupted checkpoint write of {Path(final).name}")
+        journal.unlink()
+    for leftover in folder.glob(".*"):
+        if leftover.is_file() and leftover.name != JOURNAL and _is_temp(leftover.name):
+            leftover.unlink()
+            done.append(f"removed {leftover.name}, the temp file of a killed write")
+    return done
+
+
+def _is_temp(name: str) -> bool:
+    """The names ``tempfile.mkstemp(prefix=f".{final}.")`` gives checkpoint writes (and the journal's)."""
+    return any(f"{ext}." in name for ext in (".ckpt", ".safetensors", JOURNAL))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file in the same folder and renames it: a crash never leaves a truncated
-    checkpoint under the final name. Loads with ``weights_only=True`` (no arbitrary pickles)."""
+    checkpoint under the final name. Inside ``deferred()`` the finished temp file is left for the caller to
+    ``commit`` with its companion. Loads with ``weights_only=True`` (no arbitrary pickles)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._deferred: dict[Path, Path] | None = None
+
+    @contextmanager
+    def deferred(self):
+        """Checkpoints saved inside the block stay in temp files: ``{final path: temp path}``."""
+        self._deferred = {}
+        try:
+            yield self._deferred
+        finally:
+            self._deferred = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
@@ -38,27 +101,49 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.close(fd)
         try:
             _atomic_save(checkpoint, tmp)
-            os.replace(tmp, path)
+            if self._deferred is not None:
+                self._deferred[path] = Path(tmp)
+                tmp = None
+            else:
+                os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+def save_pair(trainer, model, ckpt_path: Path, metadata: dict[str, str], save=None) -> None:
+    """Lightning's full state at ``ckpt_path`` (written by ``save()``, default ``trainer.save_checkpoint``)
+    and the model as safetensors beside it, replaced as a pair (``commit``) where the checkpoint is one file
+    (``AtomicCheckpointIO``); a sharded run's periodic checkpoint is its folder alone. Every rank calls it."""
+    save = save or (lambda: trainer.save_checkpoint(ckpt_path))
+    io = trainer.strategy.checkpoint_io
+    if is_sharded(trainer.strategy) or not isinstance(io, AtomicCheckpointIO):
+        save()
+        return
+    with io.deferred() as pending:
+        save()
+    if trainer.is_global_zero:
+        weights = ckpt_path.with_suffix(".safetensors")
+        tmp = save_checkpoint(model, weights, extra_metadata=metadata, commit=False)
+        commit(ckpt_path.parent, {ckpt_path: pending[ckpt_path], weights: tmp})
+    trainer.strategy.barrier()
+
+
 class FVLCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint that also writes the model as safetensors next to each ``.ckpt``."""
+    """Lightning's ModelCheckpoint that also writes the model as safetensors next to each ``.ckpt``, the
+    two replaced as a pair (``save_pair``)."""
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero and not is_sharded(trainer.strategy):
-            save_checkpoint(
-                trainer.lightning_module.model,
-                Path(filepath).with_suffix(".safetensors"),
-                extra_metadata={"global_step": str(trainer.global_step)},
-            )
-        trainer.strategy.barrier()
+        save_pair(
+            trainer,
+            trainer.lightning_module.model,
+            Path(filepath),
+            {"global_step": str(trainer.global_step)},
+            save=lambda: super(FVLCheckpoint, self)._save_checkpoint(trainer, filepath),
+        )
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
@@ -131,16 +216,35 @@ def resolve_init(
 def resolve_resume(resume: str, output_dir: str | Path, name: str, stage: str) -> tuple[Path, RunDir]:
     """The ``.ckpt`` to resume and its run (``last``: the newest run of this name and stage that has one)."""
     if resume == "last":
+        without: list[RunDir] = []  # newer runs that died before their first checkpoint
         for run in RunDir.find(output_dir, stage=stage, name=name):
+            _recover(run)
             if run.ckpt("last").exists():
+                if without:
+                    log.warning(
+                        "resume=last: the newest %s run%s %s ha%s no checkpoint (stopped before its first); "
+                        "resuming the older run %s instead (pass resume=PATH to choose)",
+                        stage, "s" if len(without) > 1 else "", ", ".join(r.path.name for r in without),
+                        "ve" if len(without) > 1 else "s", run.path.name,
+                    )  # fmt: skip
                 return run.ckpt("last"), run
+            without.append(run)
         raise FileNotFoundError(
             f"resume=last: no last.ckpt of a {stage} run named {name!r} under {output_dir}/"
+            + (f" ({len(without)} run(s) stopped before their first checkpoint)" if without else "")
         )
     path = Path(resume)
+    run = RunDir.of(path)
+    if run is not None:
+        _recover(run)
     if not path.exists():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint")
-    run = RunDir.of(path)
     if run is None:
         raise FileNotFoundError(f"resume={resume}: the checkpoint is not inside a run folder")
     return path, run
+
+
+def _recover(run: RunDir) -> None:
+    if run.checkpoints.is_dir():
+        for what in recover(run.checkpoints):
+            log.warning("%s: %s", run.path.name, what)

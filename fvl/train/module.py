@@ -23,6 +23,18 @@ from fvl.train.strategy import is_sharded, local, shard_model
 log = logging.getLogger(__name__)
 
 
+# What a batch holds for the model (the rest - ids, counts - is for logging).
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "pixel_values",
+    "image_features",
+    "position_ids",
+    "num_placeholders",
+)
+
+
 class FVLModule(L.LightningModule):
     """The model of ``cfg.model`` with the stage's trainable set, its optimisation and its step logging."""
 
@@ -44,21 +56,19 @@ class FVLModule(L.LightningModule):
         self._restored_skips = False
         self._last_time: float | None = None
         self._window = {"samples": 0, "tokens": 0}
+        self.nonfinite_skipped = 0
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def _model_inputs(self, batch: dict) -> dict:
-        return {
-            k: v
-            for k, v in batch.items()
-            if k
-            in ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids", "num_placeholders")
-        }
+        return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         # Counts arrive as Python numbers computed on the loader's side: no host sync per step.
         for reason, count in batch.get("skipped", {}).items():
             self._skipped[STREAM_SKIP_REASONS.index(reason)] += count
         loss = self.model(self._model_inputs(batch)).loss
+        if not self._finite_everywhere(loss):
+            return self._skip_nonfinite(batch_idx)
         n = batch["input_ids"].shape[0]
         self._window["samples"] += n
         self._window["tokens"] += (
@@ -68,6 +78,26 @@ class FVLModule(L.LightningModule):
         if "padding_fraction" in batch:
             self.log("train/padding_fraction", float(batch["padding_fraction"]), rank_zero_only=True)
         return loss
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (ranks must agree, or DDP waits forever for a backward
+        that one rank skipped): one host sync, plus one small collective with several ranks."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite)
+
+    def _skip_nonfinite(self, batch_idx: int) -> None:
+        self.nonfinite_skipped += 1
+        where = f"step {self.trainer.global_step}, micro batch {batch_idx}"
+        if self.cfg.train.nonfinite_loss == "stop":
+            raise FloatingPointError(
+                f"non-finite loss at {where} (train.nonfinite_loss=stop): lower train.lr, check the data, or "
+                "set train.nonfinite_loss=skip; resume=last continues from the last checkpoint"
+            )
+        log.warning("non-finite loss at %s: micro batch skipped (%d so far)", where, self.nonfinite_skipped)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), rank_zero_only=True)
+        return None  # Lightning runs no backward for it: the weights never see it
 
     @property
     def skipped_total(self) -> int:
@@ -97,6 +127,8 @@ class FVLModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         metrics = self.sum_skipped()  # self.log is closed here: write through the logger
+        if self.nonfinite_skipped:
+            metrics["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
         if self.trainer.is_global_zero and self.logger is not None:
             self.logger.log_metrics(metrics, step=self.trainer.global_step)
 
@@ -104,9 +136,11 @@ class FVLModule(L.LightningModule):
         # Every rank builds the checkpoint, so the sum is a matching collective; a resume continues the totals.
         self.sum_skipped()
         checkpoint["fvl_skipped"] = dict(self.skipped)
+        checkpoint["fvl_nonfinite_skipped"] = self.nonfinite_skipped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped = dict(checkpoint.get("fvl_skipped", {}))
+        self.nonfinite_skipped = int(checkpoint.get("fvl_nonfinite_skipped", 0))
         self._restored_skips = "fvl_skipped" in checkpoint
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -134,6 +168,7 @@ class FVLModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The total gradient norm as one device tensor (no sync per parameter). Sharded strategies (FSDP,
         # DeepSpeed 3) hold a slice of each gradient per rank: their squared sums add up over ranks.
+        self._grad_norm = None
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         squares = [g.detach().float().pow(2).sum() for g in grads]
         if not squares:
@@ -141,7 +176,23 @@ class FVLModule(L.LightningModule):
         total = torch.stack(squares).sum()
         if is_sharded(self.trainer.strategy):
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        self.log("train/grad_norm", total.sqrt())
+        self._grad_norm = total.sqrt()
+        self.log("train/grad_norm", self._grad_norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by the global norm that ``on_before_optimizer_step`` just computed (a device tensor: no second
+        pass over the gradients, no sync), as ``torch.nn.utils.clip_grad_norm_`` would. Lightning's own
+        clipping refuses fused optimizers (``train.optimizer=adamw_fused``) even under bf16, where there is
+        no loss scaling for them to undo."""
+        norm = getattr(self, "_grad_norm", None)
+        if norm is None and not any(p.grad is not None for p in self.model.parameters()):
+            return None  # nothing to clip: a skipped (non-finite) micro batch left no gradients
+        if not gradient_clip_val or norm is None or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        coef = torch.clamp(gradient_clip_val / (norm + 1e-6), max=1.0)
+        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        self._grad_norm = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model(self._model_inputs(batch)).loss

@@ -23,9 +23,11 @@ from omegaconf import DictConfig
 from fvl.config import ExperimentConfig, as_experiment, to_yaml
 from fvl.data.datamodule import FVLDataModule
 from fvl.data.datamodule import build_datamodule as data_module_of
+from fvl.data.feature_cache import identity_of
 from fvl.models.checkpoint import save_checkpoint
 from fvl.runs import is_rank_zero
-from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start
+from fvl.threads import beside_workers, torch_threads
+from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start, save_pair
 from fvl.train.module import FVLModule, build_module
 from fvl.train.strategy import build_strategy, is_sharded
 from fvl.train.timing import StepTimes
@@ -53,8 +55,20 @@ def train(cfg: DictConfig | ExperimentConfig, callbacks: list[L.Callback] | None
     exp = as_experiment(cfg)
     L.seed_everything(exp.seed, workers=True)
     start = resolve_start(exp)
-    with start.run.shared():
+    with start.run.shared(), cpu_threads(exp):
         return _run(cfg, exp, start, callbacks or [])
+
+
+def cpu_threads(cfg: ExperimentConfig):
+    """``trainer.cpu_threads`` for the run when it trains on a CPU (-1: a core left to each loader worker);
+    the thread count is restored after."""
+    threads = cfg.trainer.cpu_threads
+    if threads == -1:
+        threads = beside_workers(cfg.data.num_workers)
+    if threads and cfg.trainer.resolve_hardware()[0] == "cpu":
+        log.info("%d training thread(s) beside %d loader worker(s)", threads, cfg.data.num_workers)
+        return torch_threads(threads)
+    return torch_threads(0)
 
 
 def _run(
@@ -86,8 +100,19 @@ def _run(
 
 
 def build_datamodule(cfg: ExperimentConfig, module: FVLModule) -> FVLDataModule:
-    """The stage's data, prepared by the model's processor with the stage's resize mode."""
-    return data_module_of(cfg, processor=module.model.processor)
+    """The stage's data, prepared by the model's processor with the stage's resize mode; with
+    ``data.feature_cache``, read from a cache that must match the model's tower and fusion."""
+    identity = None
+    if cfg.data.feature_cache:
+        model = module.model
+        if not model.features_frozen():
+            raise ValueError(
+                f"data.feature_cache: stage {cfg.stage.name!r} trains "
+                f"{[c for c in ('vision', 'fusion') if c in cfg.stage.trainable]}, so the fused features change "
+                "as it trains; a cache holds a frozen tower's features (use it in finetune or align)"
+            )
+        identity = identity_of(model, cfg.stage.resize_mode)
+    return data_module_of(cfg, processor=module.model.processor, feature_identity=identity)
 
 
 _ONE_FILE = {"save_top_k": 1, "enable_version_counter": False}  # one file per name, overwritten
@@ -147,7 +172,9 @@ def build_trainer(
         gradient_clip_val=cfg.train.grad_clip or None,
         # Only global rank 0 talks to MLflow: ranks that start together (torchrun) must not race to set up
         # a SQLite store, and the other ranks' metrics are rank 0's anyway.
-        logger=make_logger(cfg, run_id=start.run.mlflow_run_id if start.resumed else None)
+        logger=make_logger(
+            cfg, run_id=start.run.mlflow_run_id if start.resumed else None, run_dir=start.run.path
+        )
         if is_rank_zero()
         else False,
         callbacks=callbacks,
@@ -181,8 +208,11 @@ def finish(
         metrics = trainer.validate(module, datamodule=datamodule, verbose=False)
         val_loss = float(metrics[0]["val/loss"]) if metrics else None
     run = start.run
-    trainer.save_checkpoint(run.ckpt("last"), weights_only=False)
-    save_final_weights(trainer, module, run.weights("last"))
+    if is_sharded(trainer.strategy):
+        trainer.save_checkpoint(run.ckpt("last"), weights_only=False)
+        save_final_weights(trainer, module, run.weights("last"))
+    else:
+        save_pair(trainer, module.model, run.ckpt("last"), {"global_step": str(trainer.global_step)})
     best = run.weights("best")
     first, last = losses.summary()
     return RunResult(
@@ -200,19 +230,16 @@ def finish(
 
 
 def save_final_weights(trainer: L.Trainer, module: FVLModule, path: Path) -> None:
-    """The model's weights as one safetensors file. Under a sharded strategy every rank takes part in
-    gathering the full state (a collective) and rank 0 writes it; otherwise rank 0 writes its own copy."""
-    metadata = {"global_step": str(trainer.global_step)}
-    if is_sharded(trainer.strategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """A sharded run's model weights as one safetensors file: every rank takes part in gathering the full
+    state (a collective) and rank 0 writes it. (An unsharded run writes its pair with ``save_pair``.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(
-            module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if trainer.is_global_zero:
-            save_checkpoint(module.model, path, extra_metadata=metadata, state_dict=state)
-    elif trainer.is_global_zero:
-        save_checkpoint(module.model, path, extra_metadata=metadata)
+    state = get_model_state_dict(
+        module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if trainer.is_global_zero:
+        metadata = {"global_step": str(trainer.global_step)}
+        save_checkpoint(module.model, path, extra_metadata=metadata, state_dict=state)
     trainer.strategy.barrier()
 
 
@@ -226,7 +253,7 @@ class LossRecorder(L.Callback):
         self.window = window
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # none: a skipped micro batch
         if loss is None:
             return
         loss = loss.detach().float()

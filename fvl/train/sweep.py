@@ -6,6 +6,9 @@ stages: [../pretrain.yaml, ../finetune.yaml]   # run in order per grid point; a 
                                     # the previous stage's checkpoint of the same point
 overrides: [trainer.max_steps=300]    # applied to every run
 eval: {samples: 350}                # optional (EvalConfig keys): score each point's last stage
+feature_cache: true                 # a later stage that trains neither tower nor fusion reads a feature
+                                    # cache built from the previous stage's checkpoint (when it reads at least
+                                    # one pass over its samples; see fvl.features.cache_for_stage)
 grid:                               # the cartesian product of the axes
   fusion: [../fusion/dbfusion.yaml, ../fusion/avg_pool.yaml]   # YAML files: merged on top, labelled by stem
   seed: [0, 1]                      # values of the config key named by the axis
@@ -27,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fvl.config import ConfigError, load
 from fvl.eval.config import EvalConfig
+from fvl.train.run import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class Sweep:
     axes: dict[str, list[Any]]
     path: Path
     eval: EvalConfig | None = None  # score each grid point's last checkpoint (``fvl eval``'s options)
+    feature_cache: bool = True  # later stages with a frozen tower read a feature cache (built here)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -57,10 +62,11 @@ def load_sweep(path: str | Path) -> Sweep:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep must be a mapping")
-    unknown = set(raw) - {"sweep", "stages", "overrides", "grid", "eval"}
+    unknown = set(raw) - {"sweep", "stages", "overrides", "grid", "eval", "feature_cache"}
     if unknown:
         raise ConfigError(
-            f"{path}: unknown keys {sorted(unknown)} (expected sweep, stages, overrides, grid, eval)"
+            f"{path}: unknown keys {sorted(unknown)} (expected sweep, stages, overrides, grid, eval, "
+            "feature_cache)"
         )
     if not raw.get("sweep") or not raw.get("stages"):
         raise ConfigError(f"{path}: 'sweep' (a name) and 'stages' (experiment YAMLs) are required")
@@ -82,7 +88,11 @@ def load_sweep(path: str | Path) -> Sweep:
             evaluation = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), raw["eval"]))
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError(f"{path}: eval: {e}") from None
-    return Sweep(raw["sweep"], stages, list(raw.get("overrides") or []), axes, path, evaluation)
+    cache = raw.get("feature_cache", True)
+    if not isinstance(cache, bool):
+        raise ConfigError(f"{path}: feature_cache must be true or false, not {cache!r}")
+    overrides = list(raw.get("overrides") or [])
+    return Sweep(raw["sweep"], stages, overrides, axes, path, evaluation, cache)
 
 
 def grid_points(sweep: Sweep) -> list[tuple[dict[str, str], list[Path], list[str]]]:
@@ -124,16 +134,71 @@ def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_
             runs.append(run)
             try:
                 cfg = load(stage_file, overrides, layers=layers)
+                if previous is not None and sweep.feature_cache:
+                    cfg = with_feature_cache(cfg, previous.checkpoint)
                 run.stage = cfg.stage.name
+                done = finished_run(cfg)
+                if done is not None:  # a rerun of the sweep: this point's stage finished before
+                    run.result = previous = done
+                    run.status = "done before"
+                    log.info(
+                        "sweep run %s (%s) finished before, in %s: skipped", run_name, run.stage, done.run_dir
+                    )
+                    continue
                 run.result = previous = train_fn(cfg)
-                if sweep.eval and sweep.eval.samples and stage_file == sweep.stages[-1]:
-                    run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval)
                 run.status = "ok"
             except Exception as e:  # reported, and the sweep goes on
                 run.status, run.error = "failed", f"{type(e).__name__}: {e}"
                 log.error("sweep run %s (%s) failed:\n%s", run_name, stage_file.stem, traceback.format_exc())
                 break  # later stages of this point have nothing to start from
+            if sweep.eval and sweep.eval.samples and stage_file == sweep.stages[-1]:
+                try:  # a failed evaluation leaves the trained run as it is: ok, with the error noted
+                    run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval)
+                except Exception as e:
+                    run.error = f"evaluation failed: {type(e).__name__}: {e}"
+                    log.error("sweep run %s: evaluation failed:\n%s", run_name, traceback.format_exc())
     return runs
+
+
+def finished_run(cfg) -> RunResult | None:
+    """The finished run of ``cfg``'s name and stage whose resolved config is ``cfg``'s (a rerun of a sweep
+    skips it), as its ``RunResult``; None when there is none."""
+    from fvl.config import to_yaml
+    from fvl.runs import RunDir
+
+    wanted = to_yaml(cfg)
+    for found in RunDir.find(cfg.output_dir, stage=cfg.stage.name, name=cfg.name):
+        info = found.info
+        checkpoint = Path(info.get("checkpoint", ""))
+        if not info.get("finished") or not checkpoint.is_file() or not found.config_path.is_file():
+            continue
+        if found.config_path.read_text() != wanted:
+            continue
+        return RunResult(
+            run_dir=found.path,
+            mlflow_run_id=info.get("mlflow_run_id", ""),
+            checkpoint=checkpoint,
+            best_checkpoint=None,
+            steps=int(info.get("steps", 0)),
+            seconds=0.0,
+            first_loss=info.get("first_loss"),
+            last_loss=info.get("last_loss"),
+            val_loss=info.get("val_loss"),
+            info=info,
+        )
+    return None
+
+
+def with_feature_cache(cfg, checkpoint: Path):
+    """``cfg`` reading a feature cache of ``checkpoint`` when its stage can (``fvl.features.cache_for_stage``;
+    caches live in ``<output_dir>/feature_cache/``)."""
+    from fvl.features import cache_for_stage
+
+    cache = cache_for_stage(cfg, checkpoint, Path(cfg.output_dir) / "feature_cache")
+    if cache is not None:
+        cfg.data.feature_cache = str(cache)
+        log.info("stage %s reads the feature cache %s", cfg.stage.name, cache)
+    return cfg
 
 
 def evaluate_run(checkpoint: Path, cfg, evaluation: EvalConfig) -> dict[str, float]:
@@ -150,7 +215,8 @@ def print_sweep_summary(name: str, runs: list[SweepRun]) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"sweep {name}: {sum(r.status == 'ok' for r in runs)} ok, {sum(r.status == 'failed' for r in runs)} failed"
+        title=f"sweep {name}: {sum(r.status == 'ok' for r in runs)} ok, {sum(r.status == 'done before' for r in runs)} "
+        f"done before, {sum(r.status == 'failed' for r in runs)} failed"
     )
     for col in (
         "run",
@@ -166,7 +232,10 @@ def print_sweep_summary(name: str, runs: list[SweepRun]) -> None:
     for r in runs:
         res = r.result
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"  # noqa: E731
-        table.add_row(r.name, r.stage, r.status if r.status == "ok" else f"[red]{r.error[:60]}",
+        status = f"[red]{r.error[:60]}" if r.status == "failed" else r.status
+        if r.status != "failed" and r.error:  # trained, but its evaluation failed
+            status = f"{r.status} [yellow]({r.error[:50]})"
+        table.add_row(r.name, r.stage, status,
                       fmt(getattr(res, "last_loss", None)), fmt(getattr(res, "val_loss", None)), fmt(r.scores.get("score")),
                       f"{res.seconds:.0f}" if res else "-", getattr(res, "mlflow_run_id", "-"))  # fmt: skip
     Console().print(table)

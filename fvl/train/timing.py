@@ -1,5 +1,6 @@
 """Where a training step's time goes, logged as peers log it: ``time/data_wait_ms`` (waiting for the next
-batch), ``time/vision_ms`` (the image path: tower, fusion, projector), ``time/forward_backward_ms`` (all of
+batch), ``time/vision_ms`` (the tower and the fusion; absent when a feature cache stands in for them),
+``time/forward_backward_ms`` (all of
 forward and backward, the image path included) and ``time/optimizer_ms``, per optimizer step, averaged over
 each logging interval.
 
@@ -48,13 +49,13 @@ class StepTimes(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.clock = _Clock(pl_module.device.type == "cuda")
         model = getattr(pl_module, "model", None)
-        if model is not None and hasattr(model, "encode_images"):
+        if model is not None and hasattr(model, "fuse_images"):
             self._wrap_vision(model)
 
     def _wrap_vision(self, model) -> None:
-        # encode_images is the whole image path; wrapping the bound method keeps the model's code free of
-        # timing concerns.
-        original = model.encode_images
+        # fuse_images is the tower and the fusion (what a feature cache skips); wrapping the bound method keeps
+        # the model's code free of timing concerns.
+        original = model.fuse_images
 
         def timed(pixel_values):
             start = self.clock.mark()
@@ -63,12 +64,12 @@ class StepTimes(L.Callback):
                 self.pending.append(("vision", start, self.clock.mark()))
             return out
 
-        model.encode_images = timed
+        model.fuse_images = timed
         self._vision_hooks.append((model, original))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for model, original in self._vision_hooks:
-            model.encode_images = original
+            model.fuse_images = original
         self._vision_hooks.clear()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from fvl.runs import RunDir
 from fvl.tracking import artifact_location, git_commit, tracking_uri
+from fvl.train.resilient_logger import ResilientMLFlowLogger
 
 if TYPE_CHECKING:
     from fvl.config import ExperimentConfig
@@ -20,16 +22,23 @@ if TYPE_CHECKING:
     from fvl.train.run import RunResult
 
 
-def make_logger(cfg: ExperimentConfig, run_id: str | None = None) -> MLFlowLogger:
-    """The run's MLflow logger: a new run in ``tracking.experiment``, or ``run_id`` continued (resume)."""
+def make_logger(
+    cfg: ExperimentConfig, run_id: str | None = None, run_dir: str | Path | None = None
+) -> ResilientMLFlowLogger:
+    """The run's MLflow logger: a new run in ``tracking.experiment``, or ``run_id`` continued (resume). An
+    outage of the store mid-run does not stop training (``ResilientMLFlowLogger``; what cannot be written by
+    the end goes to ``run_dir``)."""
     uri = tracking_uri(cfg.tracking)
-    return MLFlowLogger(
+    return ResilientMLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.tracking.run_name or cfg.run_label,
         tracking_uri=uri,
         tags=run_tags(cfg) if run_id is None else None,
         artifact_location=artifact_location(uri),
         run_id=run_id,
+        retry_seconds=cfg.tracking.retry_seconds,
+        final_wait_seconds=cfg.tracking.final_wait_seconds,
+        unsent_dir=run_dir,
     )
 
 
@@ -92,7 +101,7 @@ class TrackingCallback(L.Callback):
 
     def _client(self, trainer: L.Trainer) -> tuple[Any, str]:
         logger: MLFlowLogger = trainer.logger  # type: ignore[assignment]
-        return logger.experiment, logger.run_id
+        return _Queued(logger), logger.run_id
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -156,3 +165,21 @@ class TrackingCallback(L.Callback):
 
 def _now() -> str:
     return dt.datetime.now().isoformat()
+
+
+class _Queued:
+    """The MLflow client calls of ``TrackingCallback`` (``set_tag``, ``log_metric``, ``log_artifact``), sent
+    through the logger's queue when it has one, so they too survive an outage of the store."""
+
+    def __init__(self, logger: MLFlowLogger) -> None:
+        self.logger = logger
+
+    def __getattr__(self, name: str):
+        call = getattr(self.logger.experiment, name)
+        if not isinstance(self.logger, ResilientMLFlowLogger):
+            return call
+
+        def queued(*args: Any, **kwargs: Any) -> None:
+            self.logger.submit(name, {"args": [str(a) for a in args]}, lambda: call(*args, **kwargs))
+
+        return queued

@@ -75,6 +75,43 @@ def test_adamw_8bit_step():
     assert sum(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if n in before) > 0
 
 
+def test_fused_adamw_takes_the_same_step_as_the_default():
+    cfg = load(EXPERIMENTS / "pretrain.yaml", ["train.warmup_ratio=0"])
+    torch.manual_seed(0)
+    plain = build_module(cfg)
+    fused = build_module(
+        load(EXPERIMENTS / "pretrain.yaml", ["train.warmup_ratio=0", "train.optimizer=adamw_fused"])
+    )
+    fused.model.load_state_dict(plain.model.state_dict())
+    batch = batch_for(plain.model)
+    for module in (plain, fused):
+        opt = module.configure_optimizers()["optimizer"]
+        module.model(batch).loss.backward()
+        opt.step()
+    assert opt.defaults["fused"]
+    for (name, a), b in zip(plain.model.named_parameters(), fused.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_clipping_by_the_logged_norm_equals_torch_clip_grad_norm():
+    """The module clips with the global norm it logs (one device tensor) - what clip_grad_norm_ does."""
+    from unittest import mock
+
+    module = build_module(load(EXPERIMENTS / "pretrain.yaml", ["train.warmup_ratio=0"]))
+    module.model(batch_for(module.model)).loss.backward()
+    params = [p for p in module.model.parameters() if p.grad is not None]
+    expected = [p.grad.clone() for p in params]
+    norm = torch.nn.utils.get_total_norm(expected)
+    reference = [g * min(1.0, 0.05 / (float(norm) + 1e-6)) for g in expected]  # clip_grad_norm_'s rule
+    with mock.patch.object(type(module), "trainer", mock.PropertyMock()), mock.patch.object(module, "log"):
+        module.trainer.strategy = object()
+        module.on_before_optimizer_step(None)
+        assert float(module._grad_norm) == pytest.approx(float(norm), rel=1e-5) and float(norm) > 0.05
+        module.configure_gradient_clipping(None, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    for p, ref in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-8)
+
+
 def test_parameter_groups_vision_lr_and_no_decay():
     cfg = load(EXPERIMENTS / "pretrain.yaml", ["train.vision_lr=1e-5", "train.weight_decay=0.1"])
     module = build_module(cfg)

@@ -262,7 +262,7 @@ def test_two_process_ddp_on_cpu(env):
 @pytest.mark.slow
 def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
     """FSDP2 over two gloo processes, stage 2 with the real presets' precision (float32 trainable, bf16
-    frozen tower, bf16-mixed): one run folder, sharded periodic checkpoints, one consolidated safetensors
+    frozen tower, bf16-mixed), fused AdamW and partial activation checkpointing: one run folder, sharded periodic checkpoints, one consolidated safetensors
     that loads strictly, and resume=last continuing the same run."""
     from safetensors import safe_open
 
@@ -272,7 +272,8 @@ def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
         sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "finetune.yaml"), *env["overrides"], "init_from=",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp", "data.batch_size=4",
         "train.global_batch_size=8", "data.val_samples=8", "train.checkpoint_every_n_steps=2", "name=fsdp",
-        *REAL_PRECISION,
+        *REAL_PRECISION, "train.optimizer=adamw_fused",  # the real presets' optimizer and checkpointing
+        "model.llm.gradient_checkpointing=true", "model.llm.keep_activations=1",
     ]  # fmt: skip
     res = subprocess.run(
         [*base, "trainer.max_steps=3"], capture_output=True, text=True, timeout=600, cwd=env["root"]
@@ -320,6 +321,32 @@ def test_sweep_of_two_runs_lands_two_tagged_runs_and_survives_a_failure(env, tmp
     assert sorted(r.data.tags["fusion"] for r in found) == ["avg_pool", "single_layer"]
     assert sorted(r.data.tags["axis_fusion"] for r in found) == ["avg_pool", "davit_only"]
     assert {r.data.tags["axis_train_lr"] for r in found} == {"0.001"}
+    # a rerun skips the finished points (same resolved config) and retries the failed ones
+    again = run_sweep(sweep, env["overrides"])
+    assert [r.status for r in again] == ["done before", "failed", "done before", "failed"]
+    assert again[0].result.run_dir == runs[0].result.run_dir
+    assert (
+        len(client.search_runs(client.get_experiment_by_name("fvl").experiment_id, "tags.sweep = 'mini'"))
+        == 2
+    )
+
+
+def test_a_failed_evaluation_leaves_the_sweep_s_training_run_ok(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import fvl.train.sweep as sweep_module
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"sweep: e\nstages: [{EXPERIMENTS / 'pretrain.yaml'}]\neval: {{samples: 10}}\n")
+
+    def evaluate(*args):
+        raise RuntimeError("the eval data is gone")
+
+    monkeypatch.setattr(sweep_module, "evaluate_run", evaluate)
+    trained = SimpleNamespace(checkpoint=tmp_path / "w.safetensors", run_dir=tmp_path)
+    runs = run_sweep(sweep, [f"output_dir={tmp_path / 'runs'}"], train_fn=lambda cfg: trained)
+    assert [r.status for r in runs] == ["ok"] and runs[0].result is trained
+    assert "evaluation failed" in runs[0].error and "eval data is gone" in runs[0].error
 
 
 def test_gradient_accumulation_from_global_batch():

@@ -150,9 +150,10 @@ class Florence2Tower(VisionTower):
         return {Florence2VisionBlock} | {type(layer) for layer in self.encoder.layers}
 
     def compile_units(self) -> list[nn.Module]:
-        # DaViT, the projection and the encoder: everything ``features`` computes but the token embedding
-        # lookup and the concatenation (cheap, and the prompt subset would add guards).
-        return [self.davit, self.image_projection, self.encoder]
+        # DaViT and the projection: ~85 % of the extraction, mostly memory-bound glue (copies, adds, norms,
+        # GELU) that kernel fusion removes. The encoder stays eager: compiling it as well lost the gain on an
+        # H100 (measured: DaViT alone compiled gave 3.8x the reference way, with the encoder too no gain).
+        return [self.davit, self.image_projection]
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
