@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fvl-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui learning-check compile-check clean
+.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui learning-check compile-check reliability clean
 
 help:
 	@echo "make test       set up .venv, install fvl, run the test suite"
@@ -23,6 +23,7 @@ help:
 	@echo "make notebooks  execute the comparison notebooks into outputs/notebooks/"
 	@echo "make learning-check  the default runs must learn colour and shape (about 8 minutes)"
 	@echo "make compile-check   model.vision.compile through inductor (minutes while its cache is cold)"
+	@echo "make reliability     the fuzz and kill -9 tests at larger counts (RELIABILITY.md; about 15 minutes)"
 	@echo "make lint       ruff"
 
 setup: $(STAMP)
@@ -63,6 +64,11 @@ eval: $(STAMP)
 # Opt-in (about 8 minutes): the default pretrain + finetune must score colour and shape >= 2x chance.
 compile-check: $(STAMP)
 	FVL_INDUCTOR_TEST=1 $(PY) -m pytest -q tests/models/test_vision_compile.py
+
+# Opt-in: the reliability tests of make test at larger counts (10,000 fuzzed samples, 15 kill -9 points).
+reliability: $(STAMP)
+	FVL_FUZZ_BAD=10000 FVL_KILLS=15 $(PY) -m pytest -q tests/data/test_fuzz.py tests/train/test_kill.py \
+	  tests/train/test_checkpoint_commit.py tests/train/test_tracking_outage.py
 
 learning-check: $(STAMP)
 	FVL_LEARNING_TEST=1 $(PY) -m pytest -q tests/train/test_learning.py

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 
 JOURNAL = ".commit.json"  # in a checkpoints folder while a pair of files is being renamed into place
+FAULT_SLEEP = "FVL_FAULT_COMMIT_SLEEP"  # seconds to pause between a commit's renames (kill tests only)
 
 
 def commit(folder: Path, moves: dict[Path, Path]) -> None:
@@ -44,7 +46,9 @@ def commit(folder: Path, moves: dict[Path, Path]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, journal)
-    for final, t in moves.items():
+    for i, (final, t) in enumerate(moves.items()):
+        if i and os.environ.get(FAULT_SLEEP):  # fault injection for the kill tests: a wide window mid-commit
+            time.sleep(float(os.environ[FAULT_SLEEP]))
         os.replace(t, final)
     journal.unlink()
 
@@ -137,6 +141,12 @@ class FVLCheckpoint(ModelCheckpoint):
     two replaced as a pair (``save_pair``)."""
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        # What the run logged so far goes to the store before the checkpoint it belongs to: a crash after
+        # this checkpoint then loses no logged step that a resume from it would not redo (bounded wait;
+        # none while the store is down).
+        logger = trainer.logger
+        if trainer.is_global_zero and hasattr(logger, "wait_sent") and not logger.store_down:
+            logger.wait_sent(10.0)
         save_pair(
             trainer,
             trainer.lightning_module.model,

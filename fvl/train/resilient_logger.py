@@ -35,9 +35,14 @@ class ResilientMLFlowLogger(MLFlowLogger):
         retry_seconds: float = 30.0,
         final_wait_seconds: float = 60.0,
         unsent_dir: str | Path | None = None,
+        logged_through: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # A resumed run redoes the steps between its checkpoint and the crash, which the crashed attempt had
+        # logged already: metrics of steps up to ``logged_through`` are not logged twice.
+        self.logged_through = logged_through
+        self.dropped_repeats = 0
         self.retry_seconds = retry_seconds
         self.final_wait_seconds = final_wait_seconds
         self.unsent_dir = Path(unsent_dir) if unsent_dir else None
@@ -50,6 +55,9 @@ class ResilientMLFlowLogger(MLFlowLogger):
     # ---- what Lightning and fvl call --------------------------------------------------------------------------
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is not None and self.logged_through is not None and step <= self.logged_through:
+            self.dropped_repeats += 1
+            return
         metrics = dict(metrics)
         self.submit(
             "metrics",
@@ -104,6 +112,11 @@ class ResilientMLFlowLogger(MLFlowLogger):
                 "written when it answers (retried every %.0f s).",
                 self._tracking_uri, type(error).__name__, str(error)[:200], self.retry_seconds,
             )  # fmt: skip
+
+    @property
+    def store_down(self) -> bool:
+        """Whether the last write failed (an outage is going on)."""
+        return self._down_since is not None
 
     def wait_sent(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the queue to be written; True when it was."""

@@ -39,7 +39,19 @@ def make_logger(
         retry_seconds=cfg.tracking.retry_seconds,
         final_wait_seconds=cfg.tracking.final_wait_seconds,
         unsent_dir=run_dir,
+        logged_through=last_logged_step(uri, run_id) if run_id else None,
     )
+
+
+def last_logged_step(uri: str, run_id: str, metric: str = "train/loss") -> int | None:
+    """The last step a run logged ``metric`` at (None when it logged none, or the store does not answer)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        history = MlflowClient(uri).get_metric_history(run_id, metric)
+    except Exception:  # noqa: BLE001 - a store that is down now: nothing to skip is the safe side
+        return None
+    return max((m.step for m in history), default=None)
 
 
 def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
