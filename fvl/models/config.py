@@ -145,6 +145,9 @@ class LLMConfig:
     keep_activations: with ``gradient_checkpointing``, this many of the last decoder layers keep their
       activations instead (no recompute): spend memory that is left over on speed. A Phi-3.5 layer holds
       about 1 GiB of activations at 8 x 1.1k tokens.
+    trust_remote_code: run the Python code a pretrained LLM folder ships (``auto_map``) instead of
+      transformers' own classes. Off: such code runs with your permissions; turn it on only for a folder you
+      trust (a warning says so when it is on).
     quantization: ``none`` | ``nf4``: load the pretrained LLM's linear layers in 4-bit NF4 (bitsandbytes) -
       QLoRA, together with ``train.lora.enabled``.
     loss: how the training loss is computed: ``full`` (transformers builds the ``[batch, seq, vocab]``
@@ -162,6 +165,7 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     keep_activations: int = 0
+    trust_remote_code: bool = False
     quantization: str = "none"
     loss: str = "auto"
 

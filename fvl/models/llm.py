@@ -25,7 +25,8 @@ def build_llm(cfg: LLMConfig, text: TextConfig) -> tuple[PreTrainedModel, PreTra
 
 def build_tokenizer(cfg: LLMConfig, text: TextConfig) -> PreTrainedTokenizerBase:
     """The LLM's tokenizer plus the image placeholder (no model is built: the data side uses this)."""
-    return load_tokenizer(llm_tokenizer_path(text.tokenizer_path, cfg), text.image_token)
+    path = llm_tokenizer_path(text.tokenizer_path, cfg)
+    return load_tokenizer(path, text.image_token, trust_remote_code=cfg.trust_remote_code)
 
 
 def _build_model(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -46,8 +47,14 @@ def _build_model(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
             # Weights are quantized as they are placed: on this process's GPU (one per rank), else the CPU.
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             extra["device_map"] = {"": local_rank} if torch.cuda.is_available() else "cpu"
+        if cfg.trust_remote_code:
+            log.warning("model.llm.trust_remote_code=true: running the Python code shipped in %s", path)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=cfg.attn_implementation, **extra
+            path,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            **extra,
         )
     else:
         arch = plain_dict(cfg.arch)

@@ -8,10 +8,13 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
-def load_tokenizer(path: str | Path, image_token: str = "<image>") -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | Path, image_token: str = "<image>", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """Load from a local folder, add ``image_token`` as a special token (never split, never merged) and
-    make sure a pad token exists (the EOS token when the tokenizer has none, as for Llama 3)."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    make sure a pad token exists (the EOS token when the tokenizer has none, as for Llama 3). A folder's own
+    tokenizer code runs only with ``trust_remote_code`` (``model.llm.trust_remote_code``)."""
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if image_token not in tok.get_vocab():
         tok.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     if tok.pad_token is None:
