@@ -1,6 +1,6 @@
 """The ``fvl`` command: a table of names to typed functions (``fvl.cli.commands``), each parser generated
 from the function's argument dataclass (``fvl.cli.args``). ``-v`` anywhere logs at INFO level and shows
-tracebacks; without it, a bad config, path or value ends in one line that says what to fix."""
+tracebacks; without it, a bad config key, value, path or name ends in one line that says what to fix."""
 
 from __future__ import annotations
 
@@ -64,8 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(func(args) or 0)
-    except (ConfigError, RecipeError, FeatureCacheError, FileNotFoundError) as e:
-        print(f"fvl {name}: error: {e} (-v for the traceback)", file=sys.stderr)
+    except (ConfigError, RecipeError, FeatureCacheError, FileNotFoundError, ValueError, KeyError) as e:
+        # What a user can fix (a key, a value, a path, a name) in one line; -v shows the traceback.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        first = (str(message).strip().splitlines() or [type(e).__name__])[0]
+        print(f"fvl {name}: error: {first} (-v for the traceback)", file=sys.stderr)
         return 2
 
 

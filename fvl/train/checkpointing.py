@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -49,8 +50,22 @@ def commit(folder: Path, moves: dict[Path, Path]) -> None:
     for i, (final, t) in enumerate(moves.items()):
         if i and os.environ.get(FAULT_SLEEP):  # fault injection for the kill tests: a wide window mid-commit
             time.sleep(float(os.environ[FAULT_SLEEP]))
-        os.replace(t, final)
+        _move(Path(t), Path(final))
     journal.unlink()
+    _remove_trash(folder)
+
+
+def _move(t: Path, final: Path) -> None:
+    """``t`` to ``final``. A file replaces atomically; a folder (a sharded checkpoint) cannot replace a
+    folder, so the old one is first renamed aside as trash (removed after the commit, or by ``recover``)."""
+    if t.is_dir() and final.exists():
+        os.replace(final, final.with_name(f".{final.name}.trash-{os.getpid()}-{time.monotonic_ns()}"))
+    os.replace(t, final)
+
+
+def _remove_trash(folder: Path) -> None:
+    for trash in folder.glob(".*.trash-*"):
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
 
 
 def recover(folder: Path) -> list[str]:
@@ -64,14 +79,14 @@ def recover(folder: Path) -> list[str]:
         except ValueError:
             moves = {}  # a journal is written whole before any rename: unreadable means none began
         for t, final in moves.items():
-            if Path(t).exists():
-                os.replace(t, final)
+            if Path(t).exists():  # not moved yet (a move happens once: its source is then gone)
+                _move(Path(t), Path(final))
                 done.append(f"completed the interrupted checkpoint write of {Path(final).name}")
         journal.unlink()
     for leftover in folder.glob(".*"):
-        if leftover.is_file() and leftover.name != JOURNAL and _is_temp(leftover.name):
-            leftover.unlink()
-            done.append(f"removed {leftover.name}, the temp file of a killed write")
+        if leftover.name != JOURNAL and _is_temp(leftover.name):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            done.append(f"removed {leftover.name}, left by a killed write")
     return done
 
 
@@ -119,16 +134,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def save_pair(trainer, model, ckpt_path: Path, metadata: dict[str, str], save=None) -> None:
-    """Lightning's full state at ``ckpt_path`` (written by ``save()``, default ``trainer.save_checkpoint``)
-    and the model as safetensors beside it, replaced as a pair (``commit``) where the checkpoint is one file
-    (``AtomicCheckpointIO``); a sharded run's periodic checkpoint is its folder alone. Every rank calls it."""
-    save = save or (lambda: trainer.save_checkpoint(ckpt_path))
+    """Lightning's full state at ``ckpt_path`` (written by ``save(path)``, default
+    ``trainer.save_checkpoint``) and the model as safetensors beside it, replaced as a pair (``commit``)
+    where the checkpoint is one file (``AtomicCheckpointIO``). A sharded run's checkpoint is a folder that
+    every rank writes its shards into: it is written under a temp name and committed whole (its model
+    weights are gathered only at the end of the run). Every rank calls it."""
+    save = save or (lambda path: trainer.save_checkpoint(path))
     io = trainer.strategy.checkpoint_io
-    if is_sharded(trainer.strategy) or not isinstance(io, AtomicCheckpointIO):
-        save()
+    if is_sharded(trainer.strategy):
+        tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp")
+        if trainer.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        trainer.strategy.barrier()
+        save(tmp)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            commit(ckpt_path.parent, {ckpt_path: tmp})
+        trainer.strategy.barrier()
+        return
+    if not isinstance(io, AtomicCheckpointIO):
+        save(ckpt_path)
         return
     with io.deferred() as pending:
-        save()
+        save(ckpt_path)
     if trainer.is_global_zero:
         weights = ckpt_path.with_suffix(".safetensors")
         tmp = save_checkpoint(model, weights, extra_metadata=metadata, commit=False)
@@ -152,8 +180,9 @@ class FVLCheckpoint(ModelCheckpoint):
             trainer.lightning_module.model,
             Path(filepath),
             {"global_step": str(trainer.global_step)},
-            save=lambda: super(FVLCheckpoint, self)._save_checkpoint(trainer, filepath),
+            save=lambda path: super(FVLCheckpoint, self)._save_checkpoint(trainer, str(path)),
         )
+        self._last_checkpoint_saved = filepath  # a sharded checkpoint was written under a temp name
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

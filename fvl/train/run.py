@@ -24,6 +24,7 @@ from fvl.config import ExperimentConfig, as_experiment, to_yaml
 from fvl.data.datamodule import FVLDataModule
 from fvl.data.datamodule import build_datamodule as data_module_of
 from fvl.data.feature_cache import identity_of
+from fvl.data.recipes import resolve_recipe_path
 from fvl.models.checkpoint import save_checkpoint
 from fvl.runs import is_rank_zero
 from fvl.threads import beside_workers, torch_threads
@@ -53,6 +54,7 @@ class RunResult:
 def train(cfg: DictConfig | ExperimentConfig, callbacks: list[L.Callback] | None = None) -> RunResult:
     """Run ``cfg`` (a loaded experiment config) to ``trainer.max_steps`` and return its summary."""
     exp = as_experiment(cfg)
+    resolve_recipe_path(exp.data.recipe)  # a wrong recipe name fails here, before a run folder or MLflow run
     L.seed_everything(exp.seed, workers=True)
     start = resolve_start(exp)
     with start.run.shared(), cpu_threads(exp):
@@ -208,11 +210,9 @@ def finish(
         metrics = trainer.validate(module, datamodule=datamodule, verbose=False)
         val_loss = float(metrics[0]["val/loss"]) if metrics else None
     run = start.run
-    if is_sharded(trainer.strategy):
-        trainer.save_checkpoint(run.ckpt("last"), weights_only=False)
+    save_pair(trainer, module.model, run.ckpt("last"), {"global_step": str(trainer.global_step)})
+    if is_sharded(trainer.strategy):  # the model weights of a sharded run: gathered once, at the end
         save_final_weights(trainer, module, run.weights("last"))
-    else:
-        save_pair(trainer, module.model, run.ckpt("last"), {"global_step": str(trainer.global_step)})
     best = run.weights("best")
     first, last = losses.summary()
     return RunResult(

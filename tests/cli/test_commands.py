@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import lightning.pytorch  # noqa: F401 - binds its log handler to the real stderr, before any capsys
 import pytest
 import torch
 
@@ -160,3 +161,29 @@ def test_every_bench_module_says_its_figures_and_names_a_known_headline():
         assert callable(module.lines), name
         headline = getattr(module, "HEADLINE", None)
         assert headline is None or headline[0] in HEADLINES, name
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("trainer.max_stpes=3", "Did you mean: 'max_steps'"),
+        ("trainer.max_steps=abc", "max_steps"),
+        ("train.lr=-1", "train.lr must be positive"),
+        ("data.batch_size=0", "data.batch_size must be positive"),
+        ("model.llm.loss=nope", "model.llm.loss"),
+        ("model.projector.name=mlp0x_gelu", "mlp0x_gelu"),
+        ("stage=nope", "no stage named 'nope'"),
+        ("data.recipe=nope", "recipe 'nope' not found"),
+        ("model.fusion.name=nope", "unknown fusion 'nope'"),
+        ("model.fusion.features=[davit,nope]", "unknown vision feature(s) ['nope']"),
+        ("data.feature_cache=/nope", "a cache holds a frozen tower's features"),
+        ("init_from=/nope.safetensors", "no such file or run folder"),
+        ("resume=last", "resume=last: no last.ckpt"),
+    ],
+)
+def test_config_and_cli_mistakes_are_one_line_errors(override, hint, tmp_path, capsys):
+    code = main(["train", "pretrain", override, f"output_dir={tmp_path / 'runs'}", "trainer.progress=false",
+                 f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", f"data.shards={tmp_path / 'shards'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("fvl train: error: "), err
+    assert hint in err[0] and "Traceback" not in err[0]

@@ -145,3 +145,42 @@ def test_a_non_finite_loss_never_reaches_the_weights(tmp_path, mode):
         result.mlflow_run_id, "train/nonfinite_skipped"
     )
     assert [m.value for m in history] == [1.0]
+
+
+def test_a_sharded_checkpoint_folder_is_committed_whole(tmp_path):
+    """A sharded run's checkpoint is a folder: written under a temp name, swapped in whole; a crash at any
+    point of the swap leaves the old folder or the new one, never a mix, and no trash behind."""
+    from fvl.train.checkpointing import _move
+
+    def shard_dir(name: str, step: str):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "__0_0.distcp").write_text(step)
+        (d / "meta.pt").write_text(step)
+        return d
+
+    def step_of(d):
+        return {(d / f).read_text() for f in ("__0_0.distcp", "meta.pt")}
+
+    final = shard_dir("last.ckpt", "old")
+    commit(tmp_path, {final: shard_dir(".last.ckpt.tmp", "new")})
+    assert step_of(final) == {"new"} and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    # killed after the old folder went aside, before the new one moved in
+    tmp = shard_dir(".last.ckpt.tmp", "newer")
+    (tmp_path / JOURNAL).write_text(json.dumps({str(tmp): str(final)}))
+    final.rename(tmp_path / ".last.ckpt.trash-1")
+    recover(tmp_path)
+    assert step_of(final) == {"newer"} and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    # killed after both moves, before the journal went: nothing is moved twice
+    tmp = shard_dir(".last.ckpt.tmp", "newest")
+    (tmp_path / JOURNAL).write_text(json.dumps({str(tmp): str(final)}))
+    _move(tmp, final)
+    recover(tmp_path)
+    assert step_of(final) == {"newest"} and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    # killed while the ranks were still writing the temp folder: the old one stays, the temp one goes
+    shard_dir(".last.ckpt.tmp", "half")
+    recover(tmp_path)
+    assert step_of(final) == {"newest"} and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

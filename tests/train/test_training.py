@@ -283,6 +283,7 @@ def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
     assert len(runs) == 1
     ckpt = runs[0] / "checkpoints"
     assert (ckpt / "last.ckpt").is_dir()  # sharded: one file per rank, no full gather every N steps
+    assert not [p.name for p in ckpt.iterdir() if p.name.startswith(".")]  # committed whole: no temp folder
     load_checkpoint(ckpt / "last.safetensors")  # strict: every key of the model, nothing else
     with safe_open(str(ckpt / "last.safetensors"), "pt") as f:
         assert f.get_tensor("projector.0.weight").dtype == torch.float32  # the master weights
