@@ -30,7 +30,7 @@ from fvl.data.feature_cache import (
     encode_entry,
     identity_of,
 )
-from fvl.data.reader import Catalog, ShardReader
+from fvl.data.reader import Catalog, ShardReader, image_members, sample_meta
 from fvl.data.shards import load_manifest
 from fvl.data.shardset import shard_set
 from fvl.data.sources import Skip
@@ -63,15 +63,12 @@ class _Images(Dataset):
         except Skip as e:  # a damaged span: the training reader skips it the same way
             return _Item(i, f"__damaged_{i}", [], e.reason)
         key = str(raw["__key__"])
+        try:  # the training reader's checks, so the cache skips what training would skip
+            encoded = image_members(raw, sample_meta(raw))
+        except Skip as e:
+            return _Item(i, key, [], e.reason)
         try:
-            meta = json.loads(raw["json"])
-            keys = list(meta.get("image_keys", []))
-        except (KeyError, ValueError, TypeError):
-            return _Item(i, key, [], "bad_json")
-        if any(k not in raw for k in keys):
-            return _Item(i, key, [], "missing_image")
-        try:
-            return _Item(i, key, [self.reader.processor.image(raw[k], key) for k in keys])
+            return _Item(i, key, [self.reader.processor.image(data, key) for data in encoded])
         except Exception as e:  # noqa: BLE001 - an ImageError carries its reason; anything else is unreadable
             return _Item(i, key, [], getattr(e, "reason", "unreadable_image"))
 

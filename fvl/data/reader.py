@@ -50,18 +50,34 @@ STREAM_SKIP_REASONS = (
 MAX_REFILL_TRIES = 64
 
 
+def sample_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw shard sample's ``json`` member (with ``conversations``), or ``Skip('bad_json')``."""
+    try:
+        meta = json.loads(raw["json"])
+        meta["conversations"]  # noqa: B018 - required
+        list(meta.get("image_keys", []))
+    except (KeyError, ValueError, TypeError) as e:
+        raise Skip("bad_json", f"{raw.get('__key__')}: {e}") from None
+    return meta
+
+
+def image_members(raw: dict[str, Any], meta: dict[str, Any]) -> list[bytes]:
+    """The encoded images of a raw sample, in placeholder order, or ``Skip('missing_image')``."""
+    keys = list(meta.get("image_keys", []))
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        raise Skip("missing_image", f"{raw.get('__key__')}: no {missing}")
+    return [raw[k] for k in keys]
+
+
 def decode_sample(
     raw: dict[str, Any], processor: Processor, features: list[torch.Tensor] | None = None
 ) -> Sample:
     """A raw shard sample (``json`` + image bytes) -> a model-ready ``Sample`` with uint8 images, or with the
     images' cached ``features`` when given (the image bytes are then not decoded); bad input raises
     ``Skip``. Each image is decoded once, at the size the tower needs."""
-    try:
-        meta = json.loads(raw["json"])
-        conversations = meta["conversations"]
-        keys = list(meta.get("image_keys", []))
-    except (KeyError, ValueError, TypeError) as e:
-        raise Skip("bad_json", f"{raw.get('__key__')}: {e}") from None
+    meta = sample_meta(raw)
+    conversations, keys = meta["conversations"], list(meta.get("image_keys", []))
     sample_id = str(meta.get("id") or raw.get("__key__", ""))
     try:
         if features is not None:
@@ -70,10 +86,7 @@ def decode_sample(
                     f"{sample_id}: {len(features)} cached feature sets for {len(keys)} images; rebuild the cache"
                 )
             return processor.with_images(conversations, features, sample_id)
-        missing = [k for k in keys if k not in raw]
-        if missing:
-            raise Skip("missing_image", f"{raw.get('__key__')}: no {missing}")
-        return processor(conversations, [raw[k] for k in keys], sample_id)
+        return processor(conversations, image_members(raw, meta), sample_id)
     except ImageError as e:  # its message names the sample already
         raise Skip(e.reason, str(e)) from None
     except TemplateError as e:
