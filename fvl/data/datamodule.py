@@ -99,11 +99,20 @@ def read_weights(cfg: DataConfig, sources: list[str]) -> dict[str, float]:
     return chosen
 
 
+def val_seed(cfg: DataConfig, task: str) -> int:
+    """The seed of the synthetic validation split: the recipe's (its first synthetic source of ``task``,
+    else its first synthetic source; 0 for a real recipe), never the run's, so that runs of different seeds
+    are validated on the same samples."""
+    sources = [s for s in load_recipe(cfg.recipe, check_files=False).sources if s.format == "synthetic"]
+    chosen = [s for s in sources if s.task == task] or sources
+    return chosen[0].seed if chosen else 0
+
+
 class FVLDataModule(L.LightningDataModule):
     """Training batches planned per epoch and rank, and a validation split, prepared by ``processor``.
 
     val_task: the task of the synthetic validation split (the stage's ``val_task``: ``caption`` | ``qa``).
-    seed: fixes every epoch's order (with the epoch number).
+    seed: fixes every epoch's order (with the epoch number); not the validation samples (``val_seed``).
     feature_identity: the model's ``fvl.data.feature_cache.identity_of`` when ``data.feature_cache`` is set
         (the trainer passes it): the cache must match it. Without it only the shards, the resize mode and the
         feature shape are checked.
@@ -225,8 +234,9 @@ class FVLDataModule(L.LightningDataModule):
         if self.cfg.val_split == "heldout":
             return self._heldout_loader()
         samples = []
+        seed = val_seed(self.cfg, self.val_task)
         for i in range(self.cfg.val_samples):
-            s = generate(i, "val", self.seed)  # drawn at 64 px; the processor resizes for the tower
+            s = generate(i, "val", seed)  # drawn at 64 px; the processor resizes for the tower
             samples.append(self.processor(s.conversations(self.val_task), [s.image], s.id))
         return DataLoader(
             samples,

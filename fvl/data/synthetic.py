@@ -3,14 +3,22 @@ benchmarks group by, so a tiny model can learn something measurable on a CPU in 
 
 Kinds (skill in brackets): ``colour``, ``shape``, ``count``, ``position`` (general VQA), ``ocr`` (a short word
 drawn into the image), ``chart`` (bar chart with labelled bars), ``pope`` ("is there a <shape>?", half of
-them negatives). Answers are single words. Sample ``i`` of split ``s`` is drawn from its own RNG seeded with
-``(seed, s, i)``, so the same call always gives the same sample on any machine and the train / val / test
-splits share no seed. ``task="caption"`` gives stage-1 samples (a description of the whole image),
-``task="qa"`` stage-2 samples (one question and its answer).
+them negatives). Answers are single words. ``task="caption"`` gives stage-1 samples (a description of the
+whole image), ``task="qa"`` stage-2 samples (one question and its answer).
+
+Splits partition the content, not only the seeds: the images are few enough (a chart has 9^3 value
+combinations) that independent draws per split would put test items into training. The first byte of an
+image's SHA-256 (``image_hash``), modulo ``PARTITION``, gives its class: one class is the test split's, one
+the val split's, the rest train's (``split_of``). Sample ``i`` of split ``s`` draws its kind from an RNG seeded
+with ``(seed, s, i)``, then redraws its content (an RNG seeded with ``(seed, s, i, attempt)``) until the image
+falls in the class of ``s``. So the same call always gives the same sample on any machine, and no val or test
+image is ever a training image, however many training samples are drawn, with any seed or question.
+``content_hash`` identifies an item (image, question and answer), e.g. to check that for a data set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -90,8 +98,15 @@ CHANCE = {
     "pope": 1 / 2,
 }
 # Bumped whenever the drawings change, so that shards built by an older generator are rebuilt.
-GENERATOR_VERSION = 2
+# 3: every split draws only images of its own class of the content partition (``split_of``).
+GENERATOR_VERSION = 3
 SPLITS = ("train", "val", "test")
+# The content partition: the first byte of an image's hash, modulo ``PARTITION``, picks its split. One class
+# each for test and val, the rest for train: a held-out sample costs ``PARTITION`` draws on average, a
+# training sample ``PARTITION / (PARTITION - 2)``.
+PARTITION = 8
+SPLIT_CLASS = {0: "test", 1: "val"}
+MAX_ATTEMPTS = 1000
 TASKS = ("caption", "qa")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
@@ -155,6 +170,29 @@ def _cells(rng: random.Random, n: int, size: int) -> list[tuple[int, int, int, i
     return boxes
 
 
+def image_hash(image: Image.Image) -> str:
+    """SHA-256 of an image's pixels, size and mode: equal exactly when two images are identical."""
+    h = hashlib.sha256(f"{image.mode}/{image.width}x{image.height}/".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def content_hash(sample: SyntheticSample) -> str:
+    """SHA-256 of what a model sees and must answer: the image's pixels, the question and the answer."""
+    h = hashlib.sha256(image_hash(sample.image).encode())
+    for text in (sample.question, sample.answer):
+        h.update(b"\0" + text.encode())
+    return h.hexdigest()
+
+
+def split_of(image: Image.Image) -> str:
+    """The split whose class of the content partition holds ``image``.
+
+    The partition goes by the image alone, not by the question: a test picture is then never seen in
+    training, neither under another question nor as a caption (a chart's caption states every bar)."""
+    return SPLIT_CLASS.get(int(image_hash(image)[:2], 16) % PARTITION, "train")
+
+
 def generate(
     index: int,
     split: str = "train",
@@ -162,15 +200,35 @@ def generate(
     image_size: int = 64,
     kinds: tuple[str, ...] | None = None,
 ) -> SyntheticSample:
-    """Sample ``index`` of ``split``: deterministic in all its arguments."""
+    """Sample ``index`` of ``split``: deterministic in all its arguments, its image in ``split``'s class of
+    the content partition (``split_of``), so that no val or test sample is ever a training sample."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     if image_size < 32:
         raise ValueError("synthetic images need at least 32 px")
     kinds = tuple(kinds or KINDS)
     rng = random.Random(f"fvl-synthetic/{seed}/{split}/{index}")
+    # The kind is drawn once and only the content redrawn, so that each split keeps the mix of kinds.
     kind = kinds[rng.randrange(len(kinds))]
-    size = image_size
+    for attempt in range(MAX_ATTEMPTS):
+        if attempt:  # a fresh RNG per attempt: the accepted draw depends on the arguments alone
+            rng = random.Random(f"fvl-synthetic/{seed}/{split}/{index}/{attempt}")
+        image, caption, question, answer = _draw(kind, rng, image_size)
+        if split_of(image) == split:
+            return SyntheticSample(
+                image=image,
+                caption=caption[0].upper() + caption[1:],
+                question=question,
+                answer=answer,
+                kind=kind,
+                skill=KINDS[kind],
+                id=f"synthetic-{seed}-{split}-{index}",
+            )
+    raise RuntimeError(f"synthetic {kind} sample {index}: no {split} image in {MAX_ATTEMPTS} draws")
+
+
+def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, str, str]:
+    """One random picture of ``kind``: the image, its caption, question and answer."""
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     fmt = {}
@@ -243,12 +301,4 @@ def generate(
     else:
         raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(KINDS)}")
 
-    return SyntheticSample(
-        image=image,
-        caption=caption[0].upper() + caption[1:],
-        question=QUESTIONS[kind].format(**fmt),
-        answer=answer,
-        kind=kind,
-        skill=KINDS[kind],
-        id=f"synthetic-{seed}-{split}-{index}",
-    )
+    return image, caption, QUESTIONS[kind].format(**fmt), answer

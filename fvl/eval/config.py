@@ -8,53 +8,109 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EvalConfig:
-    """Scoring a checkpoint.
+    """Scoring a checkpoint. Each public benchmark is read, prompted, generated and scored as lmms-eval
+    0.3.0 ran it for the paper (the README's evaluation table); the options below change that only when set.
 
-    bench: ``synthetic`` (the generated test split, per skill) or NAME=PATH for a local parquet copy of a
-      public benchmark (textvqa, vqav2, vizwiz, gqa, pope, chartqa, docvqa, infovqa, mmbench, seed, ai2d,
-      scienceqa_img); repeatable.
+    bench: ``synthetic`` (the generated test split, per skill) or NAME=PATH (NAME:SPLIT=PATH for another
+      split) for a local parquet copy of a public benchmark (textvqa, vqav2, vizwiz, gqa, pope, chartqa,
+      docvqa, infovqa, mmbench, seed, ai2d, scienceqa_img); repeatable. A split without answers writes the
+      submission file of its evaluation server instead of scores.
     samples: synthetic test questions (100 per skill kind at 700); 0 skips evaluation in a sweep.
-    batch_size: prompts generated together (greedy, KV cache).
-    max_new_tokens: longest answer.
+    limit: score only the first N questions of each public benchmark (0: all).
+    batch_size: prompts generated together (greedy, KV cache). The paper's numbers were generated one
+      prompt at a time (lmms-eval's llava runs at batch 1): use 1 to reproduce them exactly; batched bf16
+      decoding can flip a few greedy answers (see agreement).
+    max_new_tokens: longest answer (default: each benchmark's own, e.g. 16 for VQAv2 and GQA, 32 for
+      DocVQA, 128 for POPE, 1024 for TextVQA, VizWiz, MMBench and SEED).
+    pope_parser: lmms-eval (only an exact "yes" / "no" counts) or llava (LLaVA's eval_pope.py parsing).
+    agreement: also answer the first N questions of each benchmark one at a time and report the share of
+      answers equal to the batched ones (0: off).
+    device: where the model answers: auto (the GPU when there is one), cpu, cuda, cuda:N.
+    dtype: the model's weights while answering: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16,
+      float16 (lmms-eval's llava loads LLaVA checkpoints in float16), float32.
     """
 
     bench: list[str] = field(default_factory=lambda: ["synthetic"], metadata={"repeat": True})
     samples: int = 700
+    limit: int = 0
     batch_size: int = 32
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None
+    pope_parser: str = "lmms-eval"
+    agreement: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.samples < 0 or self.batch_size <= 0 or self.max_new_tokens <= 0:
-            raise ValueError("eval: samples must be >= 0, batch_size and max_new_tokens positive")
+        if self.samples < 0 or self.limit < 0 or self.agreement < 0 or self.batch_size <= 0:
+            raise ValueError("eval: samples, limit and agreement must be >= 0 and batch_size positive")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise ValueError("eval: max_new_tokens must be positive")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"eval: dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
+        if self.pope_parser not in ("lmms-eval", "llava"):
+            raise ValueError(f"eval: pope_parser must be lmms-eval or llava, not {self.pope_parser!r}")
+
+    def placement(self) -> tuple[str, str]:
+        """(device, dtype) with ``auto`` resolved on this machine."""
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        dtype = (
+            ("bfloat16" if device.startswith("cuda") else "float32") if self.dtype == "auto" else self.dtype
+        )
+        return device, dtype
+
+    def protocol(self) -> dict[str, str]:
+        """The protocol options that differ between benchmarks' evaluators (each spec takes its own)."""
+        return {"pope_parser": self.pope_parser}
 
 
 @dataclass
 class AlignConfig:
-    """The paper's vision-language alignment loss (frozen tower and LLM, a trained linear projection).
+    """The paper's vision-language alignment (frozen tower and LLM, a trained MLP projection), scored on
+    held-out caption pairs over several seeds.
 
     variant: fusion YAML or LABEL=FUSION:feature+feature, e.g. -ocr=dbfusion:davit+caption+grounding;
       repeatable (default: dbfusion, its four leave-one-out ablations and davit alone).
-    steps: optimisation steps per variant.
-    batch_size: caption pairs per step (the softmax runs over the batch).
-    samples: synthetic caption pairs.
+    steps: optimisation steps per variant and seed.
+    batch_size: caption pairs per step (the softmax runs over the batch); also the size of the held-out
+      batches that retrieval is scored in (top-1 chance 1/batch_size).
+    samples: caption pairs used (synthetic ones, or the first usable lines of captions); at least
+      2 x batch_size.
+    captions: JSON-lines file of real pairs, one {"image": PATH, "caption": TEXT} per line, image paths
+      relative to the file's folder (default: synthetic captions).
+    heldout: fraction of the pairs held out for scoring (rounded to whole batches), never trained on.
+    seeds: runs per variant, with seeds seed, seed+1, ...: each changes the projection init, the batch
+      order and the train / held-out split; results are reported as mean and std over them.
+    hidden: hidden width of the Linear-GELU-Linear projection, the same for every variant.
     lr: Adam learning rate of the projection.
     temperature: softmax temperature of the matching logits.
-    seed: random seed.
+    seed: first random seed.
     """
 
     variant: list[str] = field(default_factory=list, metadata={"repeat": True})
     steps: int = 200
     batch_size: int = 64
     samples: int = 1024
+    captions: str | None = None
+    heldout: float = 0.25
+    seeds: int = 3
+    hidden: int = 512
     lr: float = 1e-3
     temperature: float = 0.07
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 1 or self.samples < self.batch_size:
-            raise ValueError("align: steps positive, batch_size > 1, samples >= batch_size")
+        if self.steps <= 0 or self.batch_size <= 1 or self.samples < 2 * self.batch_size:
+            raise ValueError("align: steps positive, batch_size > 1, samples >= 2 x batch_size")
         if self.lr <= 0 or self.temperature <= 0:
             raise ValueError("align: lr and temperature must be positive")
+        if not 0 < self.heldout < 1:
+            raise ValueError(f"align: heldout={self.heldout} must be a fraction in (0, 1)")
+        if self.seeds < 1 or self.hidden < 1:
+            raise ValueError("align: seeds and hidden must be >= 1")
+        if self.captions is not None and not self.captions.strip():
+            raise ValueError("align: captions must be a file path (or left out for synthetic captions)")
 
 
 @dataclass

@@ -13,123 +13,120 @@ from typing import Any
 
 import torch
 
-from fvl.eval.benchmarks import Benchmark, resolve_benchmark
+from fvl.eval.benchmarks import Benchmark, EvalSample, Scored, resolve_benchmark
 from fvl.eval.config import EvalConfig
-from fvl.eval.metrics import ANLS, MultipleChoiceAccuracy, POPEMetrics, RelaxedAccuracy, VQAAccuracy
 from fvl.models.loading import load_for_inference
 from fvl.runs import RunDir, resolve_weights
 from fvl.tracking import TrackingConfig, experiment_id, tracking_uri
 
 log = logging.getLogger(__name__)
 
-METRICS = {
-    "vqa": VQAAccuracy,  # VQAv2's convention (references normalised only when annotators disagree)
-    "vqa_textvqa": lambda: VQAAccuracy(mode="textvqa"),  # TextVQA's: every reference normalised
-    "anls": ANLS,
-    "relaxed": RelaxedAccuracy,
-    "pope": POPEMetrics,
-    "mc": MultipleChoiceAccuracy,
-}
-
-
-def normalize_short(text: str) -> str:
-    """Synthetic answers are single words: compare lower-cased, stripped, without a trailing period."""
-    return text.strip().lower().rstrip(".").strip()
-
-
-class _Scorer:
-    """One metric over all samples plus one per group, and per-sample scores."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.overall = self._new()
-        self.groups: dict[str, Any] = defaultdict(self._new)
-
-    def _new(self):
-        return None if self.kind == "exact" else METRICS[self.kind]()
-
-    def _update(self, metric, preds, refs, options) -> None:
-        if self.kind == "mc":
-            metric.update(preds, refs, options=options)
-        else:
-            metric.update(preds, refs)
-
-    def score(self, pred: str, refs: list[str], options: list[str] | None) -> float:
-        if self.kind == "exact":
-            return float(normalize_short(pred) in {normalize_short(r) for r in refs})
-        metric = self._new()
-        self._update(metric, [pred], [refs], [options] if options is not None else None)
-        value = metric.compute()
-        return float(value["accuracy"] if isinstance(value, dict) else value)
-
-    def add(self, group: str, pred: str, refs: list[str], options: list[str] | None) -> None:
-        if self.kind == "exact":
-            return
-        opts = [options] if options is not None else None
-        self._update(self.overall, [pred], [refs], opts)
-        self._update(self.groups[group], [pred], [refs], opts)
-
-    @staticmethod
-    def _values(metric) -> dict[str, float]:
-        value = metric.compute()
-        return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else {"score": float(value)}
+LMMS_EVAL_VERSION = "0.3.0"  # the lmms-eval release whose protocols the benchmark specs reproduce
 
 
 @dataclass
 class EvalResult:
+    """One benchmark's outcome: the reported numbers (overall and per group), the settings that produced
+    them, and one record per question. A test split (no answers) has no numbers: ``submission`` lists its
+    predictions for the evaluation server."""
+
     benchmark: str
     metric: str
     aggregate: dict[str, float]
     groups: dict[str, dict[str, float]]
     chance: dict[str, float] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    submission: list[tuple[EvalSample, str]] = field(default_factory=list)
+    agreement: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "metric": self.metric, "aggregate": self.aggregate, "groups": self.groups,
-                "chance": self.chance, "samples": self.records}  # fmt: skip
+        return {"benchmark": self.benchmark, "metric": self.metric, "settings": self.settings,
+                "aggregate": self.aggregate, "groups": self.groups, "chance": self.chance,
+                **({"batch_agreement": self.agreement} if self.agreement else {}),
+                "samples": self.records}  # fmt: skip
+
+
+def _answers(model, samples: list[EvalSample], max_new_tokens: int) -> list[str]:
+    images = [s.load_images() for s in samples]  # decoded now, a batch at a time
+    token = getattr(getattr(model, "tokenizer", None), "image_token", None)
+    # lmms-eval's llava puts the placeholders of a multi-image question on one line, space-separated (the
+    # model's own default, one per line, is kept for single images, where the two agree)
+    prompts = [
+        " ".join([token] * len(ims)) + "\n" + s.prompt if token and len(ims) > 1 else s.prompt
+        for s, ims in zip(samples, images, strict=True)
+    ]
+    predictions = model.generate(images, prompts, max_new_tokens=max_new_tokens)
+    return [p.strip() for p in predictions]  # lmms-eval strips every generation before scoring
 
 
 @torch.no_grad()
 def evaluate(
-    model, bench: Benchmark, batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True
+    model,
+    bench: Benchmark,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    protocol: dict[str, Any] | None = None,
+    agreement: int = 0,
 ) -> EvalResult:
-    """Greedy answers for every sample of ``bench`` and their scores."""
+    """Greedy answers for every sample of ``bench`` (``max_new_tokens``: the benchmark's own unless given)
+    and their scores, aggregated as the benchmark's spec says. ``agreement``: answer the first N samples
+    again one at a time and report how many answers equal the batched ones."""
     from rich.progress import Progress
 
     model.eval()
-    scorer = _Scorer(bench.metric)
-    records = []
-    by_group: dict[str, list[float]] = defaultdict(list)
+    spec = bench.spec
+    options = spec.protocol(protocol)
+    tokens = max_new_tokens or spec.max_new_tokens
+    predictions: list[str] = []
     with Progress(disable=not progress) as bar:
         task = bar.add_task(f"eval {bench.name}", total=len(bench.samples))
         for start in range(0, len(bench.samples), batch_size):
             chunk = bench.samples[start : start + batch_size]
-            preds = model.generate(
-                [s.images for s in chunk], [s.prompt for s in chunk], max_new_tokens=max_new_tokens
-            )
-            for s, pred in zip(chunk, preds, strict=True):
-                score = scorer.score(pred, s.references, s.options)
-                scorer.add(s.group, pred, s.references, s.options)
-                by_group[s.group].append(score)
-                records.append(
-                    {
-                        "id": s.id,
-                        "group": s.group,
-                        "prompt": s.prompt,
-                        "prediction": pred,
-                        "references": s.references,
-                        "score": score,
-                    }
-                )
+            predictions += _answers(model, chunk, tokens)
             bar.advance(task, len(chunk))
-    if bench.metric == "exact":
-        scores = [r["score"] for r in records]
-        aggregate = {"score": sum(scores) / max(1, len(scores))}
-        groups = {g: {"score": sum(v) / len(v)} for g, v in sorted(by_group.items())}
-    else:
-        aggregate = _Scorer._values(scorer.overall)
-        groups = {g: _Scorer._values(m) for g, m in sorted(scorer.groups.items())}
-    return EvalResult(bench.name, bench.metric, aggregate, groups, dict(bench.chance), records)
+    settings = {
+        "lmms_eval_task": spec.task, "lmms_eval_version": LMMS_EVAL_VERSION, "split": spec.split,
+        "max_new_tokens": tokens, "batch_size": batch_size, "samples": len(bench.samples), **options,
+    }  # fmt: skip
+    result = EvalResult(bench.name, spec.metric, {}, {}, dict(bench.chance), settings=settings)
+    if agreement:
+        result.agreement = batch_agreement(model, bench.samples[:agreement], predictions, tokens, batch_size)
+    if not bench.labelled:
+        result.submission = list(zip(bench.samples, predictions, strict=True))
+        result.records = [{"id": s.id, "prompt": s.prompt, "prediction": p} for s, p in result.submission]
+        return result
+    scored = [
+        Scored(s, p, spec.score(s, p, options)) for s, p in zip(bench.samples, predictions, strict=True)
+    ]
+    by_group: dict[str, list[Scored]] = defaultdict(list)
+    for item in scored:
+        by_group[item.sample.group].append(item)
+    result.aggregate = spec.aggregate(scored, options)
+    result.groups = {g: spec.aggregate(items, options) for g, items in sorted(by_group.items())}
+    result.records = [
+        {"id": x.sample.id, "group": x.sample.group, "prompt": x.sample.prompt, "prediction": x.prediction,
+         "references": x.sample.references, "score": x.score}
+        for x in scored
+    ]  # fmt: skip
+    return result
+
+
+def batch_agreement(
+    model, samples: list[EvalSample], batched: list[str], max_new_tokens: int, batch_size: int
+) -> dict[str, Any]:
+    """The share of ``samples`` whose answer generated alone equals its answer generated in batches of
+    ``batch_size`` (``batched``, in sample order), and the questions where they differ."""
+    alone = [_answers(model, [s], max_new_tokens)[0] for s in samples]
+    differ = [
+        {"id": s.id, "batched": b, "alone": a}
+        for s, b, a in zip(samples, batched, alone, strict=False)
+        if a != b
+    ]
+    n = len(alone)
+    return {"samples": n, "batch_size": batch_size, "agreement": (n - len(differ)) / n if n else 1.0,
+            "differences": differ}  # fmt: skip
 
 
 @dataclass
@@ -156,19 +153,37 @@ def evaluate_checkpoint(
     The one evaluation path: ``fvl eval`` and sweeps both call it."""
     cfg = cfg or EvalConfig()
     checkpoint = resolve_weights(spec, output_dir)
-    model = load_for_inference(checkpoint)
+    device, dtype = cfg.placement()
+    model = load_for_inference(checkpoint).to(device=device, dtype=getattr(torch, dtype))
     run = RunDir.of(checkpoint)
     folder = Path(out) if out else run.eval_dir if run else checkpoint.parent / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     results, paths = [], []
     for bench_spec in cfg.bench:
-        bench = resolve_benchmark(bench_spec, cfg.samples)
-        result = evaluate(model, bench, cfg.batch_size, cfg.max_new_tokens, progress=progress)
+        bench = resolve_benchmark(bench_spec, cfg.samples, cfg.limit)
+        result = evaluate(
+            model, bench, cfg.batch_size, cfg.max_new_tokens, progress, cfg.protocol(), cfg.agreement
+        )
+        result.settings.update(device=device, dtype=dtype)
         path = folder / f"{bench.name}.json"
         path.write_text(json.dumps(result.to_json(), indent=1))
         results.append(result)
         paths.append(path)
+        if result.submission:
+            paths.append(write_submission(bench, result, folder / "submissions"))
     return EvalReport(checkpoint, results, paths, log_to_mlflow(results, checkpoint, paths, tracking))
+
+
+def write_submission(bench: Benchmark, result: EvalResult, folder: Path) -> Path:
+    """A test split's predictions in the file its evaluation server takes (the file lmms-eval writes)."""
+    if bench.spec.submission is None:
+        raise ValueError(
+            f"{bench.name}: this split has no answers and the benchmark has no submission format"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / bench.spec.submission.filename
+    bench.spec.submission.write(result.submission, path)
+    return path
 
 
 def log_to_mlflow(
@@ -202,6 +217,11 @@ def log_to_mlflow(
         ).info.run_id
         client.set_terminated(run_id)
     for r in results:
+        # how the numbers were produced, beside them (tags: a training run's params are immutable)
+        for key, value in r.settings.items():
+            client.set_tag(run_id, f"eval/{r.benchmark}/{key}", str(value))
+        if r.agreement:
+            client.log_metric(run_id, f"eval/{r.benchmark}/batch_agreement", r.agreement["agreement"])
         for name, value in r.aggregate.items():
             client.log_metric(run_id, f"eval/{r.benchmark}/{name}", value)
         for group, values in r.groups.items():
@@ -211,7 +231,9 @@ def log_to_mlflow(
                 )
                 client.log_metric(run_id, key, value)
     for p in json_paths:
-        client.log_artifact(run_id, str(p), artifact_path="eval")
+        client.log_artifact(
+            run_id, str(p), artifact_path="eval" if p.parent.name != "submissions" else "eval/submissions"
+        )
     return run_id
 
 
@@ -219,6 +241,9 @@ def print_results(result: EvalResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if not result.aggregate:  # a test split: predictions went to a submission file
+        Console().print(f"{result.benchmark}: {len(result.records)} answers for the submission file")
+        return
     table = Table(
         title=f"{result.benchmark} ({result.metric}): "
         + ", ".join(f"{k} {v:.3f}" for k, v in result.aggregate.items())
@@ -229,7 +254,7 @@ def print_results(result: EvalResult) -> None:
         table.add_column("chance", justify="right")
         table.add_column("x chance", justify="right")
     for group, values in result.groups.items():
-        score = values.get("score", values.get("accuracy", 0.0))
+        score = next(iter(values.values()))  # each spec puts its headline number first
         row = [group, f"{score:.3f}"]
         if result.chance:
             chance = result.chance.get(group)

@@ -4,15 +4,19 @@
 ``VQAAccuracy``            VQAv2 / TextVQA accuracy as lmms-eval computes it (``EvalAIAnswerProcessor``)
 ``ANLS``                   DocVQA / InfoVQA ANLS as lmms-eval computes it (``lmms_eval/api/metrics.py``)
 ``RelaxedAccuracy``        ChartQA relaxed accuracy (lmms-eval ``relaxed_correctness``, from Qwen-VL)
-``POPEMetrics``            POPE accuracy / precision / recall / F1 / yes-ratio (LLaVA ``eval_pope.py``)
-``MultipleChoiceAccuracy`` option-letter accuracy for free-form answers (our documented extraction rule)
+``POPEMetrics``            POPE accuracy / precision / recall / F1 / yes-ratio (lmms-eval ``pope``, or
+                           LLaVA ``eval_pope.py`` with ``parser="llava"``)
 =========================  ===============================================================================
+
+Multiple-choice benchmarks each have their own answer rule in lmms-eval (MMBench's ``can_infer``, SEED's
+first character, AI2D's leading letter, ScienceQA's bare letter): they live with their benchmarks in
+``fvl.eval.benchmarks``, not here.
 
 Every metric keeps its state as tensors registered with ``dist_reduce_fx="sum"``, so it is exact under DDP
 (and ``merge_state`` works). ``update(predictions, references)`` takes one prediction per sample and, per
 sample, either a list of reference strings or one plain string (a single reference). The per-sample scores
-are plain functions too (``vqa_score``, ``anls_score``, ``relaxed_accuracy_score``, ``pope_parse``,
-``multiple_choice_score``) so an evaluation can write them per sample.
+are plain functions too (``vqa_score``, ``anls_score``, ``relaxed_accuracy_score``, ``pope_answer``) so an
+evaluation can write them per sample.
 """
 
 from __future__ import annotations
@@ -28,15 +32,13 @@ from torchmetrics import Metric
 
 __all__ = [
     "ANLS",
-    "MultipleChoiceAccuracy",
     "POPEMetrics",
     "RelaxedAccuracy",
     "VQAAccuracy",
     "anls_score",
-    "extract_choice",
     "levenshtein_distance",
-    "multiple_choice_score",
     "normalize_vqa_answer",
+    "pope_answer",
     "pope_parse",
     "relaxed_accuracy_score",
     "relaxed_correctness",
@@ -278,6 +280,20 @@ def pope_parse(answer: str) -> Literal["yes", "no"]:
     return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
 
 
+POPE_PARSERS = ("lmms-eval", "llava")
+
+
+def pope_answer(answer: str, parser: str = "lmms-eval") -> str:
+    """The answer as POPE's scorer reads it. ``lmms-eval`` (its ``pope`` task): the answer lower-cased and
+    stripped, which counts only when it is exactly "yes" or "no" ("Yes." and "Yes, there is." count as
+    neither). ``llava``: ``pope_parse``, always "yes" or "no"."""
+    if parser == "llava":
+        return pope_parse(answer)
+    if parser != "lmms-eval":
+        raise ValueError(f"unknown POPE parser {parser!r}: expected one of {POPE_PARSERS}")
+    return answer.lower().strip()
+
+
 def _pope_label(refs: Sequence[str] | str) -> bool:
     refs = _as_reference_list(refs)
     if len(refs) != 1:
@@ -286,80 +302,6 @@ def _pope_label(refs: Sequence[str] | str) -> bool:
     if label not in ("yes", "no"):
         raise ValueError(f"POPE labels are 'yes' or 'no', got {refs[0]!r}")
     return label == "yes"
-
-
-# --------------------------------------------------------------------------------------------------------
-# Multiple choice
-# --------------------------------------------------------------------------------------------------------
-
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-# The whole answer is a letter: "B", "B.", "B)", "B:", "(B)", "(B).".
-_BARE_LETTER = re.compile(r"(?:\(([A-Z])\)|([A-Z]))[.:)]?")
-# A letter with a delimiter, then text: "B. a cat", "B) a cat", "B: a cat", "(B) a cat". The delimiter is
-# required so that the article in "A cat" is not read as option A.
-_LEADING_LETTER = re.compile(r"(?:\(([A-Z])\)|([A-Z])[.:)])\s")
-# "Answer: B", "The answer is (B).", "the correct answer is: C": a capital letter standing alone (or in
-# parentheses) right after "answer" [+ "is"] [+ ":"].
-_ANSWER_IS = re.compile(r"\b(?i:answer)(?:\s+(?i:is))?\s*:?\s*(?:\(([A-Z])\)|([A-Z])(?![A-Za-z0-9]))")
-
-
-def _option_text_key(text: str) -> str:
-    text = text.strip().lower()
-    return text[:-1].strip() if text.endswith(".") else text
-
-
-def extract_choice(answer: str, options: Sequence[str] | None = None) -> str | None:
-    """The option letter a free-form answer names, or ``None``.
-
-    The allowed letters are A..Z, or the first ``len(options)`` letters when the option texts are given.
-    On the stripped answer, the first of these rules that yields an allowed letter wins:
-
-    1. the whole answer is a capital letter, optionally in parentheses and/or followed by ".", ")" or ":"
-       ("B", "B.", "B)", "B:", "(B)", "(B).");
-    2. the whole answer is a single lower-case letter ("b"); no other lower-case form is accepted, so the
-       article in "a cat" is never read as A;
-    3. (with ``options``) the answer equals one option's text, compared lower-cased, stripped and without
-       one trailing period ("A cat." matches the option "a cat");
-    4. the answer starts with a capital letter followed by ".", ")" or ":" (or a parenthesised letter) and a
-       space ("B. a cat", "B) a cat", "(B) a cat");
-    5. "answer" (any case), optionally "is", optionally ":", then a capital letter standing alone or in
-       parentheses, first occurrence ("Answer: B", "The answer is (B).").
-
-    Anything else (e.g. "I think B") has no letter and is scored wrong.
-    """
-    allowed = _LETTERS if options is None else _LETTERS[: len(options)]
-    text = answer.strip()
-    candidates: list[str | None] = []
-    if m := _BARE_LETTER.fullmatch(text):
-        candidates.append(m.group(1) or m.group(2))
-    if len(text) == 1 and text.islower():
-        candidates.append(text.upper())
-    if options is not None:
-        key = _option_text_key(text)
-        candidates += [
-            _LETTERS[i] for i, opt in enumerate(options[: len(_LETTERS)]) if _option_text_key(opt) == key
-        ]
-    if m := _LEADING_LETTER.match(text):
-        candidates.append(m.group(1) or m.group(2))
-    if m := _ANSWER_IS.search(text):
-        candidates.append(m.group(1) or m.group(2))
-    return next((c for c in candidates if c is not None and len(c) == 1 and c in allowed), None)
-
-
-def _reference_letter(ref: str) -> str:
-    m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", ref.strip())
-    if m is None:
-        raise ValueError(f"multiple-choice references are option letters, got {ref!r}")
-    return m.group(1).upper()
-
-
-def multiple_choice_score(
-    prediction: str, references: Sequence[str] | str, options: Sequence[str] | None = None
-) -> float:
-    """1.0 when the letter ``extract_choice`` finds in the prediction is one of the reference letters
-    (references: "C", also "c", "(C)", "C."), else 0.0 (also when no letter is found)."""
-    letters = {_reference_letter(r) for r in _as_reference_list(references)}
-    return float(extract_choice(prediction, options) in letters)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -452,33 +394,15 @@ class RelaxedAccuracy(_MeanScore):
         )
 
 
-class MultipleChoiceAccuracy(_MeanScore):
-    """Accuracy of the option letter extracted from free-form answers (rule: ``extract_choice``), against
-    letter references. ``update`` optionally takes the option texts per sample (in letter order), which
-    restrict the letters and let an answer that repeats an option's text count as that letter."""
-
-    def update(
-        self,
-        predictions: Sequence[str],
-        references: References,
-        options: Sequence[Sequence[str] | None] | None = None,
-    ) -> None:
-        _check_batch(predictions, references)
-        if options is None:
-            options = [None] * len(predictions)
-        elif len(options) != len(predictions):
-            raise ValueError(f"{len(predictions)} predictions but {len(options)} option lists")
-        self._add(
-            [multiple_choice_score(p, r, o) for p, r, o in zip(predictions, references, options, strict=True)]
-        )
-
-
 class POPEMetrics(Metric):
-    """POPE metrics as LLaVA's ``llava/eval/eval_pope.py`` computes them: answers parsed with ``pope_parse``,
-    positive = "yes". References are "yes"/"no" (case-insensitive, stripped; anything else is a ValueError).
-    ``compute()`` returns ``accuracy``, ``precision``, ``recall``, ``f1`` and ``yes_ratio`` (share of "yes"
-    predictions); precision, recall and F1 are 0.0 when their denominator is 0 (the original divides by
-    zero), and accuracy / yes-ratio are 0.0 before any sample."""
+    """POPE metrics. ``parser="lmms-eval"`` (the default: lmms-eval 0.3.0's ``pope`` task, whose numbers the
+    paper reports): an answer counts only when it is exactly "yes" or "no" after lower-casing and stripping;
+    any other answer is wrong for accuracy and outside precision and recall; ``yes_ratio`` is the share of
+    "yes" in the *ground truth*. ``parser="llava"`` (LLaVA's ``eval_pope.py``): answers parsed with
+    ``pope_parse``; ``yes_ratio`` is the share of "yes" *predictions*.
+    References are "yes"/"no" (case-insensitive, stripped; anything else is a ValueError). ``compute()``
+    returns ``accuracy``, ``precision``, ``recall``, ``f1`` and ``yes_ratio``; a ratio whose denominator is
+    0 is 0.0 (as in lmms-eval; the original eval_pope.py divides by zero)."""
 
     is_differentiable = False
     higher_is_better = True
@@ -488,35 +412,47 @@ class POPEMetrics(Metric):
     fp: Tensor
     tn: Tensor
     fn: Tensor
+    other_yes: Tensor  # answers that are neither "yes" nor "no", by their label
+    other_no: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, parser: str = "lmms-eval", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        for name in ("tp", "fp", "tn", "fn"):
+        if parser not in POPE_PARSERS:
+            raise ValueError(f"unknown POPE parser {parser!r}: expected one of {POPE_PARSERS}")
+        self.parser = parser
+        for name in ("tp", "fp", "tn", "fn", "other_yes", "other_no"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: Sequence[str], references: References) -> None:
         _check_batch(predictions, references)
         labels = [_pope_label(r) for r in references]  # validate all before touching the state
-        counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+        counts = dict.fromkeys(("tp", "fp", "tn", "fn", "other_yes", "other_no"), 0)
         for pred, label in zip(predictions, labels, strict=True):
-            yes = pope_parse(pred) == "yes"
+            answer = pope_answer(pred, self.parser)
+            if answer not in ("yes", "no"):
+                counts["other_yes" if label else "other_no"] += 1
+                continue
+            yes = answer == "yes"
             counts[("t" if yes == label else "f") + ("p" if yes else "n")] += 1
         for name, n in counts.items():
             setattr(self, name, getattr(self, name) + n)
 
     def compute(self) -> dict[str, Tensor]:
-        tp, fp, tn, fn = (getattr(self, n).double() for n in ("tp", "fp", "tn", "fn"))
+        tp, fp, tn, fn, oy, on = (
+            getattr(self, n).double() for n in ("tp", "fp", "tn", "fn", "other_yes", "other_no")
+        )
         zero = torch.zeros((), dtype=torch.float64, device=tp.device)
 
         def div(a: Tensor, b: Tensor) -> Tensor:
             return a / b if b > 0 else zero
 
         precision, recall = div(tp, tp + fp), div(tp, tp + fn)
-        total = tp + fp + tn + fn
+        total = tp + fp + tn + fn + oy + on
+        yes = tp + fn + oy if self.parser == "lmms-eval" else tp + fp  # ground truth, or predictions
         return {
             "accuracy": div(tp + tn, total),
             "precision": precision,
             "recall": recall,
             "f1": div(2 * precision * recall, precision + recall),
-            "yes_ratio": div(tp + fp, total),
+            "yes_ratio": div(yes, total),
         }

@@ -14,12 +14,19 @@ grid:                               # the cartesian product of the axes
   seed: [0, 1]                      # values of the config key named by the axis
 ```
 Each run is tagged ``sweep`` and ``axis_<axis>`` (its label on that axis). A failed run is reported (and the later stages of its grid point skipped); the sweep goes on.
+
+Each launch of a sweep has an id of its own (``<sweep>-<UTC time>-<random hex>``), the tag ``sweep_id`` of
+every run of the launch, so that an analysis reads one launch and never mixes it with older ones. A rerun
+skips the grid points that finished before with the same config (the launch id aside) and tags their runs
+with the new launch's id: they belong to it as much as the runs it trains.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import logging
+import secrets
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +41,8 @@ from fvl.train.run import RunResult
 
 log = logging.getLogger(__name__)
 
+SWEEP_ID_TAG = "sweep_id"  # the MLflow tag (a key of ``tracking.tags``) naming a run's sweep launch
+
 
 @dataclass
 class SweepRun:
@@ -44,6 +53,7 @@ class SweepRun:
     result: Any = None
     error: str = ""
     scores: dict[str, float] = field(default_factory=dict)
+    sweep_id: str = ""  # the launch this run belongs to (its MLflow tag ``sweep_id``)
 
 
 @dataclass
@@ -112,12 +122,21 @@ def grid_points(sweep: Sweep) -> list[tuple[dict[str, str], list[Path], list[str
     return points
 
 
+def new_sweep_id(name: str) -> str:
+    """A launch id: the sweep's name, the UTC time and random hex (two launches in one second differ)."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{name}-{stamp}-{secrets.token_hex(3)}"
+
+
 def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_fn=None) -> list[SweepRun]:
-    """Run every grid point's stages; never stops at a failure. Returns one ``SweepRun`` per run."""
+    """Run every grid point's stages; never stops at a failure. Returns one ``SweepRun`` per run, each with
+    the launch's ``sweep_id``."""
     from fvl.train.run import train
 
     train_fn = train_fn or train
     sweep = load_sweep(path)
+    sweep_id = new_sweep_id(sweep.name)
+    log.info("sweep %s: launch %s (MLflow tag %s)", sweep.name, sweep_id, SWEEP_ID_TAG)
     runs: list[SweepRun] = []
     for labels, layers, point_overrides in grid_points(sweep):
         run_name = "-".join([sweep.name, *labels.values()])
@@ -125,12 +144,12 @@ def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_
         for stage_file in sweep.stages:
             overrides = [
                 *sweep.overrides, *point_overrides, *(extra_overrides or []),
-                f"name={run_name}", f"tracking.sweep={sweep.name}",
+                f"name={run_name}", f"tracking.sweep={sweep.name}", f"tracking.tags.{SWEEP_ID_TAG}={sweep_id}",
                 *(f"tracking.tags.axis_{axis.replace('.', '_')}={label}" for axis, label in labels.items()),
             ]  # fmt: skip
             if previous is not None:
                 overrides.append(f"init_from={previous.checkpoint}")
-            run = SweepRun(run_name, stage_file.stem, labels)
+            run = SweepRun(run_name, stage_file.stem, labels, sweep_id=sweep_id)
             runs.append(run)
             try:
                 cfg = load(stage_file, overrides, layers=layers)
@@ -141,6 +160,7 @@ def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_
                 if done is not None:  # a rerun of the sweep: this point's stage finished before
                     run.result = previous = done
                     run.status = "done before"
+                    tag_launch(cfg, done.mlflow_run_id, sweep_id)
                     log.info(
                         "sweep run %s (%s) finished before, in %s: skipped", run_name, run.stage, done.run_dir
                     )
@@ -160,19 +180,46 @@ def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_
     return runs
 
 
+def tag_launch(cfg, run_id: str, sweep_id: str) -> None:
+    """Tag the MLflow run ``run_id`` (of ``cfg``'s tracking store) as a run of launch ``sweep_id``. A store
+    that does not answer is logged, not fatal: the run's checkpoint is still reused."""
+    from mlflow.tracking import MlflowClient
+
+    from fvl.tracking import tracking_uri
+
+    if not run_id:
+        log.warning(
+            "sweep run %s (%s): no MLflow run to tag with launch %s", cfg.name, cfg.stage.name, sweep_id
+        )
+        return
+    try:
+        MlflowClient(tracking_uri(cfg.tracking)).set_tag(run_id, SWEEP_ID_TAG, sweep_id)
+    except Exception as e:  # noqa: BLE001 - tracking must not stop the sweep
+        log.warning("MLflow run %s not tagged with launch %s: %s: %s", run_id, sweep_id, type(e).__name__, e)
+
+
+def comparable_config(text: str) -> str:
+    """A resolved config's YAML without the launch id: two launches of one sweep train the same runs."""
+    conf = OmegaConf.create(text)
+    tags = OmegaConf.select(conf, "tracking.tags")
+    if tags is not None and SWEEP_ID_TAG in tags:
+        del tags[SWEEP_ID_TAG]
+    return OmegaConf.to_yaml(conf)
+
+
 def finished_run(cfg) -> RunResult | None:
-    """The finished run of ``cfg``'s name and stage whose resolved config is ``cfg``'s (a rerun of a sweep
-    skips it), as its ``RunResult``; None when there is none."""
+    """The finished run of ``cfg``'s name and stage whose resolved config is ``cfg``'s, the launch id aside
+    (a rerun of a sweep skips it), as its ``RunResult``; None when there is none."""
     from fvl.config import to_yaml
     from fvl.runs import RunDir
 
-    wanted = to_yaml(cfg)
+    wanted = comparable_config(to_yaml(cfg))
     for found in RunDir.find(cfg.output_dir, stage=cfg.stage.name, name=cfg.name):
         info = found.info
         checkpoint = Path(info.get("checkpoint", ""))
         if not info.get("finished") or not checkpoint.is_file() or not found.config_path.is_file():
             continue
-        if found.config_path.read_text() != wanted:
+        if comparable_config(found.config_path.read_text()) != wanted:
             continue
         return RunResult(
             run_dir=found.path,
@@ -214,10 +261,11 @@ def print_sweep_summary(name: str, runs: list[SweepRun]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(
-        title=f"sweep {name}: {sum(r.status == 'ok' for r in runs)} ok, {sum(r.status == 'done before' for r in runs)} "
-        f"done before, {sum(r.status == 'failed' for r in runs)} failed"
-    )
+    launch = next((r.sweep_id for r in runs if r.sweep_id), "")
+    counts = ", ".join(f"{sum(r.status == s for r in runs)} {s}" for s in ("ok", "done before", "failed"))
+    title = f"sweep {name}" + (f" (launch {launch})" if launch else "") + f": {counts}"
+    note = f"MLflow tag {SWEEP_ID_TAG}={launch} (FVL_SWEEP_ID of the comparison notebook)"
+    table = Table(title=title, caption=note if launch else None)
     for col in (
         "run",
         "stage",

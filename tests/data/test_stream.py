@@ -105,6 +105,20 @@ def test_epoch_order_follows_the_seed(processor, shard_dir):
     assert epoch_ids(module_for(root, out, processor), epoch=1) != a
 
 
+def test_synthetic_validation_does_not_follow_the_run_seed(processor, shard_dir):
+    """Runs of different seeds are validated on the same samples: the recipe's seed, not the run's."""
+    root, out, _ = shard_dir
+    cfg = DataConfig(recipe=str(root / "r.yaml"), shards=str(out), batch_size=4, val_samples=6)
+    batches = []
+    for seed in (0, 7):
+        dm = FVLDataModule(cfg, processor, val_task="caption", seed=seed)
+        batches.append(list(dm.val_dataloader()))
+    assert len(batches[0]) == 2
+    for a, b in zip(*batches, strict=True):
+        assert a["ids"] == b["ids"] and a["ids"][0].startswith("synthetic-1-val-")  # cap's seed: 1
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "pixel_values"))
+
+
 def test_heldout_validation_leaves_training_and_splits_evenly_over_ranks(processor, shard_dir):
     root, out, manifest = shard_dir
     train, held = hold_out(shard_set(out, manifest), per_source=1)

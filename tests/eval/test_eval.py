@@ -1,7 +1,9 @@
-"""fvl eval on the synthetic split and on parquet files in the lmms-eval layouts; fvl chat; fvl align; fvl pca."""
+"""fvl eval on the synthetic split and end to end on a checkpoint; fvl chat; fvl align; fvl pca (the public
+benchmarks' protocols: test_benchmarks.py)."""
 
 import io
 import json
+import math
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from fvl.config import load
-from fvl.eval.benchmarks import BENCHMARKS, load_parquet, synthetic
+from fvl.eval.benchmarks import synthetic
 from fvl.eval.evaluate import evaluate
 from fvl.models import build_model, save_checkpoint
 
@@ -57,94 +59,6 @@ def test_synthetic_benchmark_scores_per_skill_against_chance():
     )
 
 
-def test_parquet_benchmarks_in_lmms_eval_layouts(tmp_path):
-    # TextVQA: 10 answers; VQA accuracy ladder
-    tv = write_parquet(tmp_path / "textvqa.parquet", [
-        {"question_id": 1, "image": png(), "question": "what brand?", "answers": ["coke"] * 3 + ["pepsi"] * 7},
-        {"question_id": 2, "image": png(), "question": "what number?", "answers": ["2"] * 10},
-    ])  # fmt: skip
-    r = evaluate(
-        Oracle(lambda p: "Coke" if "brand" in p else "two"), load_parquet("textvqa", tv), progress=False
-    )
-    assert r.aggregate["score"] == pytest.approx((0.9 + 1.0) / 2)
-    # VQAv2: answers as dicts
-    v2 = write_parquet(tmp_path / "vqav2.parquet", [
-        {"question_id": 7, "image": png(), "question": "is it red?", "answers": [{"answer": "yes", "answer_id": i} for i in range(10)]},
-    ])  # fmt: skip
-    assert (
-        evaluate(Oracle(lambda p: "yes"), load_parquet("vqav2", v2), progress=False).aggregate["score"] == 1.0
-    )
-    # DocVQA: ANLS
-    doc = write_parquet(
-        tmp_path / "docvqa.parquet",
-        [{"questionId": 3, "image": png(), "question": "date?", "answers": ["1 may 2020"]}],
-    )
-    assert evaluate(Oracle(lambda p: "1 may 2021"), load_parquet("docvqa", doc), progress=False).aggregate[
-        "score"
-    ] == pytest.approx(0.9)
-    # ChartQA: relaxed accuracy
-    chart = write_parquet(
-        tmp_path / "chartqa.parquet", [{"image": png(), "question": "value?", "answer": "100"}]
-    )
-    assert (
-        evaluate(Oracle(lambda p: "104"), load_parquet("chartqa", chart), progress=False).aggregate["score"]
-        == 1.0
-    )
-    # POPE: yes/no parsing, precision / recall / F1
-    pope = write_parquet(tmp_path / "pope.parquet", [
-        {"question_id": i, "image": png(), "question": f"Is there a {o} in the image?", "answer": a, "category": "random"}
-        for i, (o, a) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "yes"), ("cup", "no")])
-    ])  # fmt: skip
-    r = evaluate(
-        Oracle(lambda p: "Yes, there is." if ("dog" in p or "cat" in p) else "No."),
-        load_parquet("pope", pope),
-        progress=False,
-    )
-    assert (
-        r.aggregate["accuracy"] == 0.5 and r.aggregate["precision"] == 0.5 and r.aggregate["yes_ratio"] == 0.5
-    )
-    # MMBench: options in columns, letter answers, hint
-    mmb = write_parquet(tmp_path / "mmbench.parquet", [
-        {"index": 0, "image": png(), "question": "Which colour?", "hint": "Look.", "A": "red", "B": "blue", "C": "green", "D": "nan", "answer": "A", "category": "colour"},
-    ])  # fmt: skip
-    bench = load_parquet("mmbench", mmb)
-    assert (
-        bench.samples[0].prompt.endswith("directly.")
-        and "C. green" in bench.samples[0].prompt
-        and "D. nan" not in bench.samples[0].prompt
-    )
-    assert evaluate(Oracle(lambda p: "The answer is (A)."), bench, progress=False).aggregate["score"] == 1.0
-    # AI2D and ScienceQA-IMG: options as a list, answer as an index
-    ai2d = write_parquet(
-        tmp_path / "ai2d.parquet", [{"image": png(), "question": "Q?", "options": ["x", "y"], "answer": "1"}]
-    )
-    assert (
-        evaluate(Oracle(lambda p: "y"), load_parquet("ai2d", ai2d), progress=False).aggregate["score"] == 1.0
-    )
-    sqa = write_parquet(
-        tmp_path / "sqa.parquet",
-        [{"image": png(), "question": "Q?", "choices": ["x", "y", "z"], "answer": 2, "hint": ""}],
-    )
-    assert (
-        evaluate(Oracle(lambda p: "C"), load_parquet("scienceqa_img", sqa), progress=False).aggregate["score"]
-        == 1.0
-    )
-    assert {
-        "textvqa",
-        "vqav2",
-        "vizwiz",
-        "gqa",
-        "pope",
-        "chartqa",
-        "docvqa",
-        "infovqa",
-        "mmbench",
-        "seed",
-        "ai2d",
-        "scienceqa_img",
-    } <= set(BENCHMARKS)
-
-
 @pytest.fixture(scope="module")
 def checkpoint_run(tmp_path_factory):
     """A tiny checkpoint inside a run folder whose run.json points at an MLflow run in a private store."""
@@ -180,15 +94,34 @@ def run_cli(args, cwd, uri):
 @pytest.mark.slow
 def test_fvl_eval_writes_json_and_mlflow_metrics(checkpoint_run):
     c = checkpoint_run
-    res = run_cli(["eval", "latest", "--samples", "21", "--quiet"], c["root"], c["uri"])
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = json.loads((c["ckpt"].parent.parent / "eval" / "synthetic.json").read_text())
-    assert len(out["samples"]) == 21 and set(out["groups"]) <= set(out["chance"])
-    metrics = MlflowClient(c["uri"]).get_run(c["run_id"]).data.metrics
-    assert "eval/synthetic/score" in metrics and any(
-        k.startswith("eval/synthetic/") and k != "eval/synthetic/score" for k in metrics
+    # a public benchmark's test split (no answers) beside the synthetic one: its submission file is written
+    test_split = c["root"] / "docvqa" / "data" / "test-00000-of-00001.parquet"
+    test_split.parent.mkdir(parents=True)
+    write_parquet(
+        test_split,
+        [{"questionId": i, "image": png(), "question": "What?", "answers": None} for i in range(3)],
     )
-    assert "chance" in res.stdout
+    res = run_cli(["eval", "latest", "--samples", "21", "--quiet", "--bench", "synthetic", "--bench",
+                   f"docvqa:test={test_split.parent.parent}", "--agreement", "4", "--max-new-tokens", "4", "--dtype", "bfloat16"],
+                  c["root"], c["uri"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    eval_dir = c["ckpt"].parent.parent / "eval"
+    out = json.loads((eval_dir / "synthetic.json").read_text())
+    assert len(out["samples"]) == 21 and set(out["groups"]) <= set(out["chance"])
+    assert out["settings"]["max_new_tokens"] == 4 and out["batch_agreement"]["samples"] == 4
+    assert out["settings"]["dtype"] == "bfloat16" and out["settings"]["device"] == "cpu"
+    submission = json.loads((eval_dir / "submissions" / "docvqa_test_for_submission.json").read_text())
+    assert [e["questionId"] for e in submission] == [0, 1, 2]
+    run = MlflowClient(c["uri"]).get_run(c["run_id"]).data
+    assert "eval/synthetic/score" in run.metrics and any(
+        k.startswith("eval/synthetic/") and k != "eval/synthetic/score" for k in run.metrics
+    )
+    assert "eval/synthetic/batch_agreement" in run.metrics
+    assert (
+        run.tags["eval/docvqa/lmms_eval_task"] == "docvqa_val"
+        and run.tags["eval/docvqa/max_new_tokens"] == "4"
+    )
+    assert "chance" in res.stdout and "docvqa: 3 answers for the submission file" in res.stdout
 
 
 @pytest.mark.slow
@@ -214,19 +147,26 @@ def test_fvl_chat_answers_once(checkpoint_run, tmp_path):
     )  # an answer line (a random tiny model may say little)
 
 
-def test_alignment_curves_decrease_for_each_configuration(tmp_path):
-    from fvl.eval.align import alignment_curves, parse_variant, write_curves
+def test_alignment_analysis_trains_and_scores_each_configuration(tmp_path):
+    from fvl.eval.align import alignment_analysis, parse_variant, write_results
     from fvl.eval.config import AlignConfig
 
     torch.manual_seed(0)
     model = build_model(load("tiny").model)
     variants = [parse_variant("all=dbfusion:davit+caption+ocr+grounding"), parse_variant("-ocr=dbfusion:davit+caption+grounding"),
                 parse_variant("davit=single_layer:davit")]  # fmt: skip
-    curves = alignment_curves(model, variants, AlignConfig(steps=100, batch_size=32, samples=128))
-    for label, losses in curves.items():
-        assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10, label
-    csv_path, png_path = write_curves(curves, tmp_path)
-    assert len(csv_path.read_text().splitlines()) == 1 + 3 * 100 and png_path.stat().st_size > 1000
+    result = alignment_analysis(
+        model, variants, AlignConfig(steps=100, batch_size=32, samples=128, seeds=1, hidden=64)
+    )
+    assert result.heldout_pairs == 32 and len(result.runs) == 3
+    for r in result.runs:  # the projection fits its training pairs, and scores above chance on held-out ones
+        assert sum(r.train_loss[-10:]) / 10 < 0.9 * sum(r.train_loss[:10]) / 10, r.variant
+        assert (
+            r.heldout_loss < math.log(32) and 0 <= r.retrieval_top1 <= 1 and 0 <= r.matched_vs_shuffled <= 1
+        )
+    files = write_results(result, tmp_path)
+    assert len(files.curves.read_text().splitlines()) == 1 + 3 * 100 and files.plot.stat().st_size > 1000
+    assert len(files.summary.read_text().splitlines()) == 1 + 3
     with pytest.raises(ValueError, match="LABEL=FUSION"):
         parse_variant("nonsense")
 
@@ -261,6 +201,7 @@ def test_cli_align_and_pca(tmp_path):
                    "--variant", "all=dbfusion:davit+caption+ocr+grounding", "--variant", "davit=single_layer:davit"], tmp_path, env_uri)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "a" / "align.png").exists()
+    assert (tmp_path / "a" / "align_summary.csv").exists() and "held-out loss" in res.stdout
     res = run_cli(["pca", "--out", str(tmp_path / "p")], tmp_path, env_uri)
     assert res.returncode == 0, res.stderr[-2000:]
     runs = MlflowClient(env_uri).search_runs(

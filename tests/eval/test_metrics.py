@@ -1,5 +1,5 @@
-"""Benchmark metrics against hand-checked values of the standard evaluators (lmms-eval VQAv2/TextVQA, ANLS,
-ChartQA relaxed accuracy, LLaVA's POPE script) and our multiple-choice letter extraction."""
+"""Benchmark metric kernels against hand-checked values of the standard evaluators (lmms-eval VQAv2/TextVQA,
+ANLS, ChartQA relaxed accuracy, POPE as lmms-eval and as LLaVA's script count it)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ import torch
 
 from fvl.eval.metrics import (
     ANLS,
-    MultipleChoiceAccuracy,
     POPEMetrics,
     RelaxedAccuracy,
     VQAAccuracy,
     anls_score,
-    extract_choice,
     levenshtein_distance,
-    multiple_choice_score,
     normalize_vqa_answer,
     pope_parse,
     relaxed_accuracy_score,
@@ -217,11 +214,11 @@ def test_pope_parse(answer, parsed):
     assert pope_parse(answer) == parsed
 
 
-def test_pope_confusion_matrix():
+def test_pope_confusion_matrix_llava_parser():
     labels = ["yes"] * 4 + ["no"] * 6
     preds = ["Yes"] * 3 + ["No."] + ["Yes, it is."] * 2 + ["No, there is not."] * 4
-    # TP 3, FN 1, FP 2, TN 4
-    m = POPEMetrics()
+    # TP 3, FN 1, FP 2, TN 4; yes_ratio: of the predictions
+    m = POPEMetrics(parser="llava")
     m.update(preds, labels)
     out = {k: v.item() for k, v in m.compute().items()}
     assert out == pytest.approx(
@@ -229,8 +226,21 @@ def test_pope_confusion_matrix():
     )
 
 
-def test_pope_zero_denominators_and_labels():
+def test_pope_lmms_eval_counts_only_exact_yes_and_no():
+    labels = ["yes"] * 4 + ["no"] * 6
+    preds = ["Yes"] * 3 + ["No."] + ["Yes, it is."] * 2 + [" no "] * 3 + ["no"]
+    # "No." and "Yes, it is." are neither answer: wrong, outside precision / recall
+    # TP 3, FN 0, FP 0, TN 4, others 3; yes_ratio: of the ground truth (4 / 10)
     m = POPEMetrics()
+    m.update(preds, labels)
+    out = {k: v.item() for k, v in m.compute().items()}
+    assert out == pytest.approx({"accuracy": 0.7, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.4})
+    with pytest.raises(ValueError, match="parser"):
+        POPEMetrics(parser="other")
+
+
+def test_pope_zero_denominators_and_labels():
+    m = POPEMetrics(parser="llava")
     m.update(["No", "No"], [" YES ", ["yes"]])
     out = {k: v.item() for k, v in m.compute().items()}
     assert out == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
@@ -239,60 +249,6 @@ def test_pope_zero_denominators_and_labels():
     with pytest.raises(ValueError):
         m.update(["yes"], [["yes", "no"]])
     assert m.tp.item() + m.fn.item() == 2  # the failed updates left the state alone
-
-
-# ------------------------------------------------------------------------------------------------- MC
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "B",
-        "B.",
-        "(B)",
-        "B)",
-        "B:",
-        "(B).",
-        "  B  ",
-        "b",
-        "Answer: B",
-        "answer:B",
-        "The answer is (B).",
-        "The correct answer is B.",
-        "B. a cat",
-        "(B) a cat",
-        "B) a cat",
-    ],
-)
-def test_mc_extraction_forms(answer):
-    assert extract_choice(answer) == "B"
-
-
-@pytest.mark.parametrize("answer", ["b.", "(b)", "a cat", "A cat", "I think B", "Bee", "", "The answer is b"])
-def test_mc_no_letter(answer):
-    assert extract_choice(answer) is None
-
-
-def test_mc_options():
-    options = ["a dog", "a cat", "a bird", "a fish"]
-    assert extract_choice("A Cat.", options) == "B"  # the option's text
-    assert extract_choice("a fish", options) == "D"
-    assert extract_choice("E", options) is None  # not one of the four letters
-    assert extract_choice("E", None) == "E"
-    assert extract_choice("C. a bird", options) == "C"
-    assert multiple_choice_score("a cat", ["B"], options) == 1.0
-    assert multiple_choice_score("(C)", "c", options) == 1.0
-    assert multiple_choice_score("a cat", "B") == 0.0  # without options "a cat" names no letter
-    with pytest.raises(ValueError):
-        multiple_choice_score("B", ["cat"])
-
-
-def test_mc_metric():
-    m = MultipleChoiceAccuracy()
-    m.update(["B", "a bird", "Answer: D"], ["B", "C", "A"], options=[None, ["dog", "cat", "a bird"], None])
-    assert m.compute().item() == pytest.approx(2 / 3)
-    with pytest.raises(ValueError):
-        m.update(["B"], ["B"], options=[])
 
 
 # ------------------------------------------------------------------------------------------------- generic
@@ -324,11 +280,6 @@ CASES = [
         POPEMetrics,
         ["Yes", "No, not.", "yes", "There is no dog.", "Yes.", "no"],
         ["yes", "yes", "no", "no", "yes", "no"],
-    ),
-    (
-        MultipleChoiceAccuracy,
-        ["B", "(C)", "a cat", "Answer: A", "b", "D. fish"],
-        ["B", "A", "A", "A", "B", "D"],
     ),
 ]
 

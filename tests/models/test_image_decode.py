@@ -272,7 +272,7 @@ def test_generate_and_eval_run_on_images_bytes_and_tensors(tiny_model, monkeypat
     features = m.vision.features
     monkeypatch.setattr(m.vision, "features", lambda px, names=None: seen.append(px) or features(px, names))
     bench = synthetic(4, image_size=48)  # 48 px images, resized to the tower's 64
-    images = [s.images[0] for s in bench.samples]
+    images = [s.load_images()[0] for s in bench.samples]
     prompts = [s.prompt for s in bench.samples]
     pad = m.processor.transform.with_mode("pad")
     floats = [pad.normalize(pad(im)) for im in images]

@@ -322,14 +322,28 @@ def test_sweep_of_two_runs_lands_two_tagged_runs_and_survives_a_failure(env, tmp
     assert sorted(r.data.tags["fusion"] for r in found) == ["avg_pool", "single_layer"]
     assert sorted(r.data.tags["axis_fusion"] for r in found) == ["avg_pool", "davit_only"]
     assert {r.data.tags["axis_train_lr"] for r in found} == {"0.001"}
-    # a rerun skips the finished points (same resolved config) and retries the failed ones
+    assert {r.data.tags["sweep_id"] for r in found} == {runs[0].sweep_id}  # the launch
+    assert runs[0].sweep_id.startswith("mini-") and len({r.sweep_id for r in runs}) == 1
+    # a rerun (a new launch) skips the finished points (same resolved config but for the launch id), retries
+    # the failed ones, and tags the runs it reuses as its own
     again = run_sweep(sweep, env["overrides"])
     assert [r.status for r in again] == ["done before", "failed", "done before", "failed"]
-    assert again[0].result.run_dir == runs[0].result.run_dir
-    assert (
-        len(client.search_runs(client.get_experiment_by_name("fvl").experiment_id, "tags.sweep = 'mini'"))
-        == 2
-    )
+    assert again[0].result.run_dir == runs[0].result.run_dir and again[0].sweep_id != runs[0].sweep_id
+    found = client.search_runs(client.get_experiment_by_name("fvl").experiment_id, "tags.sweep = 'mini'")
+    assert len(found) == 2 and {r.data.tags["sweep_id"] for r in found} == {again[0].sweep_id}
+
+
+def test_the_launch_id_is_no_part_of_the_config_a_rerun_compares():
+    from fvl.train.sweep import comparable_config, new_sweep_id
+
+    first, second = new_sweep_id("s"), new_sweep_id("s")
+    assert first != second and first.startswith("s-")
+    config = "name: x\ntracking:\n  sweep: s\n  tags:\n    axis_seed: '0'\n    sweep_id: {}\n"
+    assert comparable_config(config.format(first)) == comparable_config(config.format(second))
+    assert "sweep_id" not in comparable_config(config.format(first))
+    other = config.replace("'0'", "'1'").format(first)  # any other difference still counts
+    assert comparable_config(other) != comparable_config(config.format(first))
+    assert comparable_config("name: x\n") == "name: x\n"  # configs from before launch ids
 
 
 def test_a_failed_evaluation_leaves_the_sweep_s_training_run_ok(tmp_path, monkeypatch):

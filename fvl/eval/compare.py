@@ -1,0 +1,162 @@
+"""Statistics for comparing fusion variants honestly (the ``compare_fusion`` notebook uses them).
+
+A variant is compared with a baseline (``dbfusion``) run for run: for each training seed, its per-question
+scores on the synthetic test split minus the baseline's on the same questions (paired by question id). The
+confidence intervals come from a two-level bootstrap: the seeds are resampled, and within each resampled
+seed its questions (per group), so that they hold both the training-seed spread and the evaluation's
+sampling noise. Skills differ in chance level (1/33 for ocr, 1/2 for pope), so rankings and overall
+differences weigh each skill by what can be gained over chance: ``(score - chance) / (1 - chance)``.
+
+``Records`` are the ``samples`` of an evaluation's JSON (``eval/<benchmark>.json``, ``fvl.eval.evaluate``):
+``{"id", "group", "prompt", "prediction", "references", "score"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Records = Sequence[Mapping[str, Any]]
+# Per seed, per group: the paired per-question differences (variant - baseline).
+Differences = Mapping[Hashable, Mapping[str, np.ndarray]]
+OVERALL = "normalised"  # the key of the chance-normalised mean over skills
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its bootstrap confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def launch_time(sweep_id: str) -> str:
+    """The UTC time in a launch id (``fvl.train.sweep.new_sweep_id``: ``<sweep>-<time>-<hex>``); empty for
+    an id of another form."""
+    parts = sweep_id.rsplit("-", 2)
+    return parts[1] if len(parts) == 3 and parts[1].endswith("Z") else ""
+
+
+def newest_launch(launches: Mapping[str, Any]) -> str:
+    """The newest of ``launches`` (launch id -> the latest start of its runs): by the time in the id, since
+    a rerun's launch holds runs it reused from before; then by that start (two launches in one second)."""
+    if not launches:
+        raise ValueError("no sweep launch (runs tagged sweep_id) to choose from")
+    return max(launches, key=lambda i: (launch_time(i), launches[i]))
+
+
+def download_samples(client: Any, run_id: str, artifact: str = "eval/synthetic.json") -> list[dict[str, Any]]:
+    """The per-question records an evaluation logged on MLflow run ``run_id`` (``client``: an
+    ``MlflowClient``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, artifact, tmp)
+        return list(json.loads(Path(path).read_text())["samples"])
+
+
+def paired_differences(variant: Records, baseline: Records) -> dict[str, np.ndarray]:
+    """Per group, ``variant``'s score minus ``baseline``'s on each question both answered (paired by id,
+    in the baseline's order)."""
+    scores = {r["id"]: float(r["score"]) for r in variant}
+    out: dict[str, list[float]] = {}
+    for r in baseline:
+        if r["id"] in scores:
+            out.setdefault(str(r["group"]), []).append(scores[r["id"]] - float(r["score"]))
+    if not out:
+        raise ValueError("no question in common: were both runs evaluated on the same benchmark?")
+    return {group: np.asarray(d, dtype=float) for group, d in out.items()}
+
+
+def seed_differences(
+    variant: Mapping[Hashable, Records], baseline: Mapping[Hashable, Records]
+) -> dict[Hashable, dict[str, np.ndarray]]:
+    """``paired_differences`` for each seed both were trained with (a seed only one has is left out: its
+    difference would mix the variant with the seed)."""
+    return {s: paired_differences(variant[s], baseline[s]) for s in variant if s in baseline}
+
+
+def _statistic(per_seed_means: Mapping[str, np.ndarray], chance: Mapping[str, float] | None) -> dict:
+    """Mean over seeds per group (last axis: seeds), and the chance-normalised mean over the skills that
+    have a chance level."""
+    out = {group: m.mean(axis=-1) for group, m in per_seed_means.items()}
+    if chance:
+        skills = [g for g in out if g in chance]
+        if skills:
+            out[OVERALL] = np.mean([out[g] / (1 - chance[g]) for g in skills], axis=0)
+    return out
+
+
+def mean_difference(diffs: Differences, chance: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Per group, the mean over seeds of each seed's mean difference; with ``chance``, also ``normalised``:
+    the mean over skills of the difference in ``(score - chance) / (1 - chance)``."""
+    groups = _common_groups(diffs)
+    means = {g: np.array([diffs[s][g].mean() for s in diffs]) for g in groups}
+    return {k: float(v) for k, v in _statistic(means, chance).items()}
+
+
+def bootstrap_ci(
+    diffs: Differences,
+    chance: Mapping[str, float] | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """Percentile intervals of ``mean_difference`` under resampling of the seeds and, within each drawn
+    seed, of its questions per group (a fixed RNG: the same data give the same intervals)."""
+    groups = _common_groups(diffs)
+    seeds = list(diffs)
+    rng = np.random.default_rng(seed)
+    # Which seed fills each of the len(seeds) slots of each replicate.
+    drawn = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
+    means = {}
+    for g in groups:
+        # Every slot resamples its seed's questions afresh, even when a seed is drawn twice.
+        m = np.empty((n_boot, len(seeds)))
+        for i, s in enumerate(seeds):
+            slots = drawn == i
+            d = diffs[s][g]
+            picks = rng.integers(0, len(d), size=(int(slots.sum()), len(d)))
+            m[slots] = d[picks].mean(axis=1)
+        means[g] = m
+    replicates = _statistic(means, chance)
+    estimate = mean_difference(diffs, chance)
+    tail = (1 - level) / 2 * 100
+    return {
+        k: Interval(estimate[k], *(float(q) for q in np.percentile(v, [tail, 100 - tail])))
+        for k, v in replicates.items()
+    }
+
+
+def _common_groups(diffs: Differences) -> list[str]:
+    """The groups every seed has questions of (a group some seed lacks cannot be averaged over seeds)."""
+    if not diffs:
+        raise ValueError("no seed in common between the variant and the baseline")
+    sets = [{g for g, d in per.items() if len(d)} for per in diffs.values()]
+    common = set.intersection(*sets)
+    return [g for g in diffs[next(iter(diffs))] if g in common]
+
+
+def normalised_score(scores: Mapping[str, float], chance: Mapping[str, float]) -> float:
+    """The mean over skills of ``(score - chance) / (1 - chance)``: 0 at chance, 1 when all is right
+    (groups without a chance level, such as an overall ``score``, are ignored)."""
+    skills = [g for g in scores if g in chance]
+    if not skills:
+        raise ValueError(f"no skill with a chance level among {sorted(scores)}")
+    return float(np.mean([(scores[g] - chance[g]) / (1 - chance[g]) for g in skills]))
+
+
+def ranking(
+    scores: Mapping[str, Sequence[Mapping[str, float]]], chance: Mapping[str, float]
+) -> list[tuple[str, float]]:
+    """Variants by their mean over runs (seeds) of ``normalised_score``, best first."""
+    means = {v: float(np.mean([normalised_score(r, chance) for r in runs])) for v, runs in scores.items()}
+    return sorted(means.items(), key=lambda kv: kv[1], reverse=True)

@@ -1,0 +1,130 @@
+"""The comparison statistics on fixed data with known answers."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fvl.eval.compare import (
+    OVERALL,
+    bootstrap_ci,
+    download_samples,
+    launch_time,
+    mean_difference,
+    newest_launch,
+    normalised_score,
+    paired_differences,
+    ranking,
+    seed_differences,
+)
+
+CHANCE = {"a": 0.5, "b": 0.25}
+
+
+def records(scores: dict[str, list[float]], prefix: str = "q") -> list[dict]:
+    """Evaluation records: ``scores[group][i]`` is question ``<prefix>-<group>-<i>``'s score."""
+    return [
+        {"id": f"{prefix}-{g}-{i}", "group": g, "prompt": "?", "prediction": "", "references": [], "score": s}
+        for g, values in scores.items()
+        for i, s in enumerate(values)
+    ]
+
+
+def half_right(n: int, shift: int = 0) -> list[float]:
+    return [float((i + shift) % 2) for i in range(n)]
+
+
+def test_pairs_by_question_id_whatever_the_order():
+    base = records({"a": [1, 0, 1], "b": [0, 0]})
+    variant = list(reversed(records({"a": [1, 1, 1], "b": [1, 0]})))
+    diffs = paired_differences(variant, base)
+    assert diffs["a"].tolist() == [0, 1, 0] and diffs["b"].tolist() == [1, 0]
+    extra = variant + records({"a": [1]}, prefix="other")  # a question the baseline lacks: left out
+    assert paired_differences(extra, base)["a"].tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="no question in common"):
+        paired_differences(records({"a": [1]}, prefix="x"), base)
+
+
+def test_identical_variants_differ_by_zero_with_an_interval_around_it():
+    runs = {s: records({"a": half_right(50, s), "b": half_right(40)}) for s in range(3)}
+    diffs = seed_differences(runs, runs)
+    assert mean_difference(diffs, CHANCE) == {"a": 0.0, "b": 0.0, OVERALL: 0.0}
+    for interval in bootstrap_ci(diffs, CHANCE, n_boot=500).values():
+        assert interval.contains(0.0) and interval.estimate == 0.0
+
+
+def test_a_variant_better_on_every_question_has_an_interval_above_zero():
+    base = {s: records({"a": [0.0] * 30, "b": half_right(30)}) for s in range(2)}
+    better = {s: records({"a": [1.0] * 30, "b": [1.0] * 30}) for s in range(2)}
+    diffs = seed_differences(better, base)
+    ci = bootstrap_ci(diffs, CHANCE, n_boot=500)
+    assert ci["a"] == pytest.approx(type(ci["a"])(1.0, 1.0, 1.0))
+    assert ci["b"].low > 0 and ci["b"].estimate == pytest.approx(0.5)
+    # normalised: 1 / (1 - 0.5) for a, 0.5 / (1 - 0.25) for b, averaged
+    assert ci[OVERALL].estimate == pytest.approx((2 + 0.5 / 0.75) / 2) and ci[OVERALL].low > 0
+
+
+def test_interval_width_matches_sampling_noise():
+    """p = 0.5 on 100 questions: standard error 0.05, so a 95 % half-width of 1.96 * 0.05 = 9.8 points;
+    four seeds of 100 questions halve it (about 5 points). Identical seeds add no seed spread."""
+    base = {s: records({"a": [0.0] * 100}) for s in range(4)}
+    variant = {s: records({"a": half_right(100)}) for s in range(4)}
+    for seeds, expected in ((1, 1.96 * math.sqrt(0.25 / 100)), (4, 1.96 * math.sqrt(0.25 / 400))):
+        diffs = seed_differences({s: variant[s] for s in range(seeds)}, base)
+        ci = bootstrap_ci(diffs, n_boot=4000)["a"]
+        assert ci.estimate == 0.5
+        assert (ci.high - ci.low) / 2 == pytest.approx(expected, rel=0.15)
+    assert bootstrap_ci(diffs, n_boot=300) == bootstrap_ci(diffs, n_boot=300)  # a fixed RNG
+
+
+def test_seed_spread_widens_the_interval():
+    """Seeds that disagree (one +0.4, one -0.4 on every question) give an interval that spans both."""
+    base = {s: records({"a": [0.5] * 50}) for s in range(2)}
+    variant = {0: records({"a": [0.9] * 50}), 1: records({"a": [0.1] * 50})}
+    ci = bootstrap_ci(seed_differences(variant, base), n_boot=1000)["a"]
+    assert ci.estimate == pytest.approx(0.0)
+    assert ci.low == pytest.approx(-0.4) and ci.high == pytest.approx(0.4)
+
+
+def test_only_seeds_both_have_are_paired():
+    base = {0: records({"a": [0.0]}), 1: records({"a": [0.0]})}
+    variant = {1: records({"a": [1.0]}), 2: records({"a": [1.0]})}
+    assert list(seed_differences(variant, base)) == [1]
+    with pytest.raises(ValueError, match="no seed in common"):
+        mean_difference(seed_differences({3: records({"a": [1.0]})}, base))
+
+
+def test_ranking_normalises_each_skill_by_its_chance():
+    # raw means favour x (0.55 vs 0.45) but x is at chance on both skills; y is above chance on b
+    scores = {"x": [{"a": 0.5, "b": 0.25, "score": 0.55}], "y": [{"a": 0.4, "b": 0.5, "score": 0.45}]}
+    assert normalised_score(scores["x"][0], CHANCE) == 0.0
+    assert normalised_score(scores["y"][0], CHANCE) == pytest.approx(((0.4 - 0.5) / 0.5 + 0.25 / 0.75) / 2)
+    assert [v for v, _ in ranking(scores, CHANCE)] == ["y", "x"]
+    assert normalised_score({"a": 1.0, "b": 1.0}, CHANCE) == 1.0
+
+
+def test_download_samples_reads_the_evaluation_json(tmp_path):
+    def download(run_id, artifact, dst):
+        path = tmp_path / "synthetic.json"
+        path.write_text(json.dumps({"benchmark": "synthetic", "samples": records({"a": [1.0]})}))
+        assert (run_id, artifact) == ("r1", "eval/synthetic.json")
+        return str(path)
+
+    samples = download_samples(SimpleNamespace(download_artifacts=download), "r1")
+    assert [s["id"] for s in samples] == ["q-a-0"]
+    assert np.isclose(samples[0]["score"], 1.0)
+
+
+def test_the_newest_launch_goes_by_the_time_in_its_id():
+    from fvl.train.sweep import new_sweep_id
+
+    assert launch_time(new_sweep_id("my-sweep")).endswith("Z") and launch_time("no-time") == ""
+    old, new = "my-sweep-20250101T000000Z-aaaaaa", "my-sweep-20250102T000000Z-000000"
+    # a rerun's launch reuses runs that started before the older launch's: the id's time decides
+    assert newest_launch({old: 200.0, new: 100.0}) == new
+    tie = "my-sweep-20250102T000000Z-ffffff"
+    assert newest_launch({new: 100.0, tie: 300.0}) == tie  # the same second: the latest start
+    with pytest.raises(ValueError, match="no sweep launch"):
+        newest_launch({})
