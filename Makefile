@@ -9,12 +9,13 @@ STAMP := $(VENV)/.fvl-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint pretrain finetune sweep eval shards bench notebooks mlflow-ui learning-check compile-check reliability clean
+.PHONY: help setup test lint pretrain finetune florence2-tiny sweep eval shards bench notebooks mlflow-ui learning-check compile-check reliability clean
 
 help:
 	@echo "make test       set up .venv, install fvl, run the test suite"
 	@echo "make pretrain   stage 1 on the tiny preset (ARGS='key=value ...' overrides)"
 	@echo "make finetune   stage 2 from the latest pretrain checkpoint (CKPT=path to choose one)"
+	@echo "make florence2-tiny  stage 0: the tiny Florence-2 trained on its own tasks (builtin:florence2-tiny)"
 	@echo "make sweep      SWEEP=experiments/sweeps/fusion.yaml: a grid of runs, summarised at the end"
 	@echo "make shards     RECIPE=synthetic: build WebDataset shards of a data recipe"
 	@echo "make bench      benchmarks (BENCHMARKS.md)"
@@ -52,6 +53,9 @@ pretrain: $(STAMP)
 
 finetune: $(STAMP)
 	$(VENV)/bin/fvl train experiments/finetune.yaml $(if $(CKPT),init_from=$(CKPT)) $(ARGS)
+
+florence2-tiny: $(STAMP)
+	$(VENV)/bin/fvl florence2-tiny $(ARGS)
 
 SWEEP ?= experiments/sweeps/fusion.yaml
 sweep: $(STAMP)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "shards build": (c.ShardsBuildArgs, c.shards_build),
     "shards merge": (c.ShardsMergeArgs, c.shards_merge),
     "features build": (c.FeaturesBuildArgs, c.features_build),
+    "florence2-tiny": (c.Florence2TinyArgs, c.florence2_tiny),
     "bench": (c.BenchArgs, c.bench),
     "notebooks": (c.NotebooksArgs, c.notebooks),
 }

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fvl.eval.config import AlignConfig, EvalConfig, PCAConfig
+from fvl.florence2_tiny.config import Florence2TinyConfig
 from fvl.tracking import DEFAULT_EXPERIMENT
 
 _POS = {"positional": True}
@@ -422,6 +423,47 @@ def pca(args: PCAArgs) -> int:
     png, csv_path = write_pca(image, panels, args.out)
     print(
         f"wrote {png} ({len(panels)} panels) and {csv_path}; MLflow run {args.target.log('pca', [png, csv_path])}"
+    )
+    return 0
+
+
+# ---- stage 0: the tiny Florence-2 ---------------------------------------------------------------------------
+@dataclass
+class Florence2TinyArgs:
+    """Train the tiny preset's Florence-2 on its own tasks (detailed caption, OCR, dense region captions with
+    location tokens) and save it as a transformers-native folder; prints its task metrics.
+
+    out: folder to write (default: the cache folder that model.vision.path=builtin:florence2-tiny reads,
+      when the settings are the defaults).
+    force: rebuild even if the folder holds a build.
+    quiet: no progress bar.
+    """
+
+    florence2: Florence2TinyConfig = field(default_factory=Florence2TinyConfig)
+    out: str | None = None
+    force: bool = False
+    quiet: bool = False
+
+
+def florence2_tiny(args: Florence2TinyArgs) -> int:
+    import json
+
+    from fvl.florence2_tiny.build import build
+    from fvl.models.vision.builtin import builtin_folder
+
+    if args.out is None and args.florence2 != Florence2TinyConfig():
+        raise ValueError(
+            "florence2-tiny: other settings than the defaults need --out (the built-in is the default)"
+        )
+    out = Path(args.out) if args.out else builtin_folder("florence2-tiny")
+    if (out / "fvl_build.json").exists() and not args.force:
+        print(f"{out} holds a build already (--force rebuilds):")
+        print(json.dumps(json.loads((out / "fvl_build.json").read_text())["metrics"], indent=1))
+        return 0
+    metrics = build(args.florence2, out, progress=not args.quiet)
+    print(json.dumps(metrics, indent=1))
+    print(
+        f"wrote {out}: use it with model.vision.init=pretrained model.vision.path={args.out or 'builtin:florence2-tiny'}"
     )
     return 0
 

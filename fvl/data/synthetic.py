@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
@@ -120,6 +120,10 @@ class SyntheticSample:
     kind: str
     skill: str
     id: str
+    # What Florence-2's own tasks read from the picture (stage 0): each object's description and pixel box
+    # (x0, y0, x1, y1), and the text drawn in it (empty when there is none).
+    regions: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)
+    text: str = ""
 
     def conversations(self, task: str) -> list[dict[str, str]]:
         """LLaVA-format turns: the caption for ``task="caption"``, the question for ``task="qa"``."""
@@ -213,25 +217,39 @@ def generate(
     for attempt in range(MAX_ATTEMPTS):
         if attempt:  # a fresh RNG per attempt: the accepted draw depends on the arguments alone
             rng = random.Random(f"fvl-synthetic/{seed}/{split}/{index}/{attempt}")
-        image, caption, question, answer = _draw(kind, rng, image_size)
-        if split_of(image) == split:
+        d = _draw(kind, rng, image_size)
+        if split_of(d.image) == split:
             return SyntheticSample(
-                image=image,
-                caption=caption[0].upper() + caption[1:],
-                question=question,
-                answer=answer,
+                image=d.image,
+                caption=d.caption[0].upper() + d.caption[1:],
+                question=d.question,
+                answer=d.answer,
                 kind=kind,
                 skill=KINDS[kind],
                 id=f"synthetic-{seed}-{split}-{index}",
+                regions=d.regions,
+                text=d.text,
             )
     raise RuntimeError(f"synthetic {kind} sample {index}: no {split} image in {MAX_ATTEMPTS} draws")
 
 
-def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, str, str]:
-    """One random picture of ``kind``: the image, its caption, question and answer."""
+@dataclass
+class _Drawing:
+    image: Image.Image
+    caption: str
+    question: str
+    answer: str
+    regions: list[tuple[str, tuple[int, int, int, int]]]
+    text: str
+
+
+def _draw(kind: str, rng: random.Random, size: int) -> _Drawing:
+    """One random picture of ``kind``: the image, its caption, question and answer, its regions and text."""
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     fmt = {}
+    regions: list[tuple[str, tuple[int, int, int, int]]] = []
+    text = ""
 
     if kind in ("colour", "shape"):
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
@@ -240,6 +258,7 @@ def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, s
         x, y = rng.randint(2, size - side - 2), rng.randint(2, size - side - 2)
         box = (x, y, x + side, y + side)
         _draw_shape(draw, shape, box, colour)
+        regions.append((f"{colour} {shape}", box))
         caption = f"a {colour} {shape} {_where(box, size)}."
         answer = colour if kind == "colour" else shape
     elif kind in ("count", "pope"):
@@ -259,6 +278,7 @@ def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, s
         parts = []
         for shape, colour, box in zip(shapes, colours, boxes, strict=True):
             _draw_shape(draw, shape, box, colour)
+            regions.append((f"{colour} {shape}", box))
             parts.append(f"a {colour} {shape} {_where(box, size)}")
         caption = f"{NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
     elif kind == "position":
@@ -268,8 +288,13 @@ def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, s
         ys = [rng.randint(2, size - side - 2) for _ in range(2)]
         xl, xr = rng.randint(2, size // 2 - side - 1), rng.randint(size // 2 + 1, size - side - 2)
         left, right = (a, b) if left_first else (b, a)
-        _draw_shape(draw, left, (xl, ys[0], xl + side, ys[0] + side), rng.choice(list(COLOURS)))
-        _draw_shape(draw, right, (xr, ys[1], xr + side, ys[1] + side), rng.choice(list(COLOURS)))
+        for shape, box in (
+            (left, (xl, ys[0], xl + side, ys[0] + side)),
+            (right, (xr, ys[1], xr + side, ys[1] + side)),
+        ):
+            colour = rng.choice(list(COLOURS))  # drawn in the same order as before: the images are unchanged
+            _draw_shape(draw, shape, box, colour)
+            regions.append((f"{colour} {shape}", box))
         caption = f"a {left} on the left and a {right} on the right."
         answer, fmt = ("left" if left_first else "right"), {"a": a, "b": b}
     elif kind == "ocr":
@@ -280,6 +305,8 @@ def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, s
         x = rng.randint(1, max(1, size - w - 2)) - x0
         y = rng.randint(1, max(1, size - h - 2)) - y0
         draw.text((x, y), word, fill=(0, 0, 0), font=font)
+        regions.append(("text", draw.textbbox((x, y), word, font=font)))
+        text = word
         caption = f'the word "{word}" written in black.'
         answer = word
     elif kind == "chart":
@@ -293,6 +320,8 @@ def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, s
             height = (base - top) * value // 9
             draw.rectangle((x, base - height, x + width, base), fill=COLOURS["blue"])
             draw.text((x + width // 4, base + 1), label, fill=(0, 0, 0), font=font)
+            regions.append((f"bar {label}", (x, base - height, x + width, base)))
+        text = " ".join(labels)
         bar = rng.randrange(3)
         caption = (
             "a bar chart: " + ", ".join(f"{lab} = {v}" for lab, v in zip(labels, values, strict=True)) + "."
@@ -301,4 +330,4 @@ def _draw(kind: str, rng: random.Random, size: int) -> tuple[Image.Image, str, s
     else:
         raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(KINDS)}")
 
-    return image, caption, QUESTIONS[kind].format(**fmt), answer
+    return _Drawing(image, caption, QUESTIONS[kind].format(**fmt), answer, regions, text)

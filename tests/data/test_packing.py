@@ -66,7 +66,9 @@ def test_packed_loss_equals_the_unpacked_loss(tiny_model, samples, llm):
     with torch.no_grad():
         a, b = tiny_model(plain).loss, tiny_model(packed).loss
     assert float(b) == pytest.approx(float(a), rel=1e-5)
-    # and attention really stays within a sample: without the restarts the loss differs
+    # and attention really stays within a sample: without the restarts the later samples of a row see the
+    # earlier ones (their logits change; the mean loss of a random tiny model can move by less than 1e-4)
     leaky = {k: v for k, v in packed.items() if k != "position_ids"}
     with torch.no_grad():
-        assert float(tiny_model(leaky).loss) != pytest.approx(float(a), rel=1e-4)
+        change = (tiny_model(leaky).logits - tiny_model(packed).logits).abs().max()
+    assert change > 1e-3, change

@@ -234,7 +234,9 @@ def test_pope_lmms_eval_counts_only_exact_yes_and_no():
     m = POPEMetrics()
     m.update(preds, labels)
     out = {k: v.item() for k, v in m.compute().items()}
-    assert out == pytest.approx({"accuracy": 0.7, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.4})
+    assert out == pytest.approx(
+        {"accuracy": 0.7, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.4}
+    )
     with pytest.raises(ValueError, match="parser"):
         POPEMetrics(parser="other")
 

@@ -120,6 +120,9 @@ class VisionTower(nn.Module, ABC):
 
 def read_image_stats(path: str | Path | None, default_mean, default_std) -> tuple[tuple, tuple]:
     """Mean/std from a pretrained folder's ``preprocessor_config.json`` when it has one."""
+    from fvl.models.vision.builtin import resolve
+
+    path = resolve(str(path)) if path is not None else None
     if path is not None:
         pre = Path(path) / "preprocessor_config.json"
         if pre.exists():
@@ -130,7 +133,11 @@ def read_image_stats(path: str | Path | None, default_mean, default_std) -> tupl
 
 
 def require_local_dir(path: str | None, key: str, what: str) -> Path:
-    """A clear error for the most common mistake: a pretrained model without a local folder."""
+    """The local folder of a pretrained model (``builtin:NAME``: fvl's own, built on first use), with a clear
+    error for the most common mistake: a pretrained model without a local folder."""
+    from fvl.models.vision.builtin import resolve
+
+    path = resolve(path)
     if not path:
         raise FileNotFoundError(
             f"{key} is not set: put {what} in a local folder and pass {key}=DIR "
