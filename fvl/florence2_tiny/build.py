@@ -168,6 +168,7 @@ def evaluate(model, tok, cfg: Florence2TinyConfig) -> dict[str, float]:
     with_text = [i for i in everyone if data.samples[i].text]
     ocr = _generate(model, tok, data, [(i, "<OCR>") for i in with_text], reads, 16)
     exact = [p.strip() == data.samples[i].text for i, p in zip(with_text, ocr, strict=True)]
+    words = [e for i, e in zip(with_text, exact, strict=True) if data.samples[i].kind == "ocr"]
     regions = _generate(model, tok, data, [(i, "<DENSE_REGION_CAPTION>") for i in everyone], reads, 48)
     best, found = [], []
     for i, text in zip(everyone, regions, strict=True):
@@ -180,6 +181,8 @@ def evaluate(model, tok, cfg: Florence2TinyConfig) -> dict[str, float]:
         "caption_loss": float(caption_loss),
         "ocr_exact_match": sum(exact) / max(1, len(exact)),
         "ocr_questions": float(len(exact)),
+        "ocr_words_exact_match": sum(words) / max(1, len(words)),  # the drawn words (charts: "A B C")
+        "ocr_word_questions": float(len(words)),
         "box_mean_iou": sum(best) / max(1, len(best)),
         "region_found_at_iou_0.5": sum(found) / max(1, len(found)),
         "regions": float(len(best)),

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from fvl.train.checkpointing import FAULT_SLEEP, JOURNAL
 from tests.fixtures import EXPERIMENTS, synthetic_recipe
 
-KILLS = int(os.environ.get("FVL_KILLS", "5"))
+KILLS = int(os.environ.get("FVL_KILLS", "3"))
 STEPS = 8 * KILLS
 EVERY = 4
 
