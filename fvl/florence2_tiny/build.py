@@ -165,6 +165,15 @@ def evaluate(model, tok, cfg: Florence2TinyConfig) -> dict[str, float]:
         ]
         for t in TASKS
     ]
+    # the caption loss hides what matters (most caption tokens are the template): does the caption of a
+    # single-shape picture name its colour and its shape?
+    single = [i for i in everyone if data.samples[i].kind in ("colour", "shape")]
+    captions = _generate(model, tok, data, [(i, "<DETAILED_CAPTION>") for i in single], reads, 24)
+    named = [data.samples[i].regions[0][0].split() for i in single]  # [colour, shape]
+    colour_right = [c in text.lower().split() for (c, _), text in zip(named, captions, strict=True)]
+    shape_right = [
+        sh in text.lower().rstrip(".").split() for (_, sh), text in zip(named, captions, strict=True)
+    ]
     with_text = [i for i in everyone if data.samples[i].text]
     ocr = _generate(model, tok, data, [(i, "<OCR>") for i in with_text], reads, 16)
     exact = [p.strip() == data.samples[i].text for i, p in zip(with_text, ocr, strict=True)]
@@ -179,6 +188,9 @@ def evaluate(model, tok, cfg: Florence2TinyConfig) -> dict[str, float]:
     return {
         "prompt_spread": prompt_spread(states),
         "caption_loss": float(caption_loss),
+        "caption_colour_right": sum(colour_right) / max(1, len(colour_right)),
+        "caption_shape_right": sum(shape_right) / max(1, len(shape_right)),
+        "caption_pictures": float(len(single)),
         "ocr_exact_match": sum(exact) / max(1, len(exact)),
         "ocr_questions": float(len(exact)),
         "ocr_words_exact_match": sum(words) / max(1, len(words)),  # the drawn words (charts: "A B C")

@@ -64,7 +64,14 @@ def quick_build(tmp_path_factory):
 def test_stage0_trains_on_its_tasks_and_saves_a_native_folder(quick_build):
     out, metrics = quick_build
     assert metrics["train_loss_last"] < 0.8 * metrics["train_loss_first"]
-    assert {"caption_loss", "ocr_exact_match", "box_mean_iou", "region_found_at_iou_0.5"} <= set(metrics)
+    assert {
+        "caption_loss",
+        "caption_colour_right",
+        "ocr_exact_match",
+        "box_mean_iou",
+        "region_found_at_iou_0.5",
+    } <= set(metrics)
+    assert metrics["caption_pictures"] > 0
     assert metrics["prompt_spread"] > 0
     same = torch.ones(2, 3, 4)
     assert prompt_spread([same, same]) == 0 and prompt_spread([same, 2 * same]) == pytest.approx(2 / 3)
