@@ -6,30 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fvl.eval.benchmarks.parquet import ImageIndex, ParquetImages, iter_rows
+from fvl.eval.benchmarks.parquet import ImageIndex, ParquetImages, iter_rows, split_files
 from fvl.eval.benchmarks.sample import Benchmark, EvalSample
 from fvl.eval.benchmarks.spec import BENCHMARKS, BenchmarkSpec
-
-# File name prefixes of the Hugging Face layout (``data/validation-00000-of-00003.parquet``).
-SPLIT_PREFIXES = ("train", "validation", "val", "test", "testdev", "dev")
-
-
-def split_files(path: Path, split: str) -> list[Path]:
-    """A parquet file, or a folder's parquet files (or its ``data/``'s). When the names carry split
-    prefixes, only ``split``'s are taken, so pointing at a whole dataset folder never mixes splits."""
-    if path.is_file():
-        return [path]
-    folder = path / "data" if not list(path.glob("*.parquet")) and (path / "data").is_dir() else path
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no parquet files at {path}")
-    prefixed = [f for f in files if f.name.split("-")[0] in SPLIT_PREFIXES]
-    if prefixed:
-        files = [f for f in files if f.name.split("-")[0] == split]
-        if not files:
-            found = sorted({f.name.split("-")[0] for f in prefixed})
-            raise FileNotFoundError(f"no {split!r} files at {folder} (splits there: {', '.join(found)})")
-    return files
 
 
 def load_parquet(
@@ -47,7 +26,7 @@ def load_parquet(
                 f"{name}: expected the folders {join.questions}/ (questions) and {join.images}/ (images, joined "
                 f"on {join.key}) under {path}"
             )
-        index = ImageIndex(path / join.images, join.id_column, spec.image_column)
+        index = ImageIndex(path / join.images, split or spec.split, join.id_column, spec.image_column)
         path = path / join.questions
     samples: list[EvalSample] = []
     missing: list[str] = []

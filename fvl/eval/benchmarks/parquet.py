@@ -17,12 +17,25 @@ from PIL import Image
 
 from fvl.eval.benchmarks.sample import ImageRef
 
+# File name prefixes of the Hugging Face layout (``data/validation-00000-of-00003.parquet``).
+SPLIT_PREFIXES = ("train", "validation", "val", "test", "testdev", "dev")
 
-def parquet_files(path: Path) -> list[Path]:
-    """A parquet file, or the ``*.parquet`` files of a folder (recursively, in name order)."""
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path] if path.is_file() else []
+
+def split_files(path: Path, split: str) -> list[Path]:
+    """A parquet file, or a folder's parquet files (or its ``data/``'s). When the names carry split
+    prefixes, only ``split``'s are taken, so pointing at a whole dataset folder never mixes splits."""
+    if path.is_file():
+        return [path]
+    folder = path / "data" if not list(path.glob("*.parquet")) and (path / "data").is_dir() else path
+    files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet files at {path}")
+    prefixed = [f for f in files if f.name.split("-")[0] in SPLIT_PREFIXES]
+    if prefixed:
+        files = [f for f in files if f.name.split("-")[0] == split]
+        if not files:
+            found = sorted({f.name.split("-")[0] for f in prefixed})
+            raise FileNotFoundError(f"no {split!r} files at {folder} (splits there: {', '.join(found)})")
     return files
 
 
@@ -107,11 +120,11 @@ class ImageIndex:
     """Images kept in their own table, found by id (GQA: ``testdev_balanced_images``, column ``id``, joined
     on the questions' ``imageId``)."""
 
-    def __init__(self, path: Path, id_column: str = "id", image_column: str = "image") -> None:
+    def __init__(self, path: Path, split: str, id_column: str = "id", image_column: str = "image") -> None:
         import pyarrow.parquet as pq
 
         self._where: dict[str, tuple[ParquetImages, int]] = {}
-        for file in parquet_files(path):
+        for file in split_files(path, split):
             images = ParquetImages(file, image_column)
             ids = pq.read_table(file, columns=[id_column]).column(0).to_pylist()
             for row, (image_id, count) in enumerate(zip(ids, images.counts(), strict=True)):
