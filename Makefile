@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 	@if nvidia-smi -L 2>/dev/null | grep -q GPU && $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)"; then \
 	  echo "!! nvidia-smi lists a GPU but $(TORCH) installed a CPU-only build: training would run on the CPU."; \
 	  echo "!! Remove $(VENV) and run again with TORCH set to a CUDA build of torch for this machine."; fi
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,notebooks]"
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,notebooks,lmms-eval]" && { $(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision; }
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fvl.cli import commands as c
+from fvl.cli import interop_commands as i
 from fvl.cli.args import description, parse
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
@@ -25,6 +26,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "shards merge": (c.ShardsMergeArgs, c.shards_merge),
     "features build": (c.FeaturesBuildArgs, c.features_build),
     "florence2-tiny": (c.Florence2TinyArgs, c.florence2_tiny),
+    "import florence2": (i.ImportFlorence2Args, i.import_florence2),
+    "import florence-vl": (i.ImportFlorenceVLArgs, i.import_florence_vl),
     "bench": (c.BenchArgs, c.bench),
     "notebooks": (c.NotebooksArgs, c.notebooks),
 }

@@ -72,7 +72,8 @@ def export(args: ExportArgs) -> int:
 
     out = export_model(load_for_inference(args.checkpoint, args.runs), args.out)
     print(
-        f"exported to {out}: llm/ and vision/ load with transformers from_pretrained; fvl.models.load_exported loads all"
+        f"exported to {out}: llm/ and vision/ load with transformers from_pretrained (vision/ with its "
+        "AutoProcessor); fvl.models.load_exported loads all"
     )
     return 0
 

@@ -67,6 +67,12 @@ def identity_of(model: Any, resize_mode: str) -> dict[str, Any]:
         "tokens": int(model.num_image_tokens),
         "dim": int(model.fusion.output_dim),
         "resize_mode": resize_mode,
+        # What shapes the features besides the weights (the prompt ids are non-persistent buffers, which
+        # the weights' hash does not see): the prompts' text and how they are padded, the layers read.
+        "prompts": [[p.name, p.text] for p in model.cfg.vision.prompts],
+        "prompt_padding": model.cfg.vision.prompt_padding,
+        "keep_pooled_token": bool(model.cfg.vision.keep_pooled_token),
+        "layers": list(model.cfg.vision.layers),
     }
 
 

@@ -5,6 +5,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# lmms-eval's VQAv2 scoring (``vqav2_process_results``) changed twice; EvalAIAnswerProcessor and TextVQA's (and
+# VizWiz's) scoring did not change from 0.2.4 to 0.7.3. Each protocol is named after the first release with
+# its behaviour (``fvl.eval.metrics.vqa_score`` implements them; tests/eval/lmms_eval_vqa_protocol_cases.json
+# holds each release's own outputs). Here, beside the option, because this module must not import torch.
+VQA_PROTOCOLS: dict[str, str] = {
+    "lmms-eval-0.3.0": "lmms-eval 0.2.4 to 0.3.0 (the paper's)",
+    "lmms-eval-0.3.5": "lmms-eval 0.3.5 to 0.4.0",
+    "lmms-eval-0.5.0": "lmms-eval 0.5.0 to 0.7.3 (the latest checked)",
+}
+VQA_PROTOCOL_ALIASES = {"current": "lmms-eval-0.5.0"}
+
+
+def vqa_protocol(name: str) -> str:
+    """A VQA protocol's name, ``current`` resolved to the latest one; an unknown name is a ValueError."""
+    name = VQA_PROTOCOL_ALIASES.get(name, name)
+    if name not in VQA_PROTOCOLS:
+        known = ", ".join([*VQA_PROTOCOLS, *VQA_PROTOCOL_ALIASES])
+        raise ValueError(f"unknown VQA protocol {name!r}: expected one of {known}")
+    return name
+
 
 @dataclass
 class EvalConfig:
@@ -23,6 +43,9 @@ class EvalConfig:
     max_new_tokens: longest answer (default: each benchmark's own, e.g. 16 for VQAv2 and GQA, 32 for
       DocVQA, 128 for POPE, 1024 for TextVQA, VizWiz, MMBench and SEED).
     pope_parser: lmms-eval (only an exact "yes" / "no" counts) or llava (LLaVA's eval_pope.py parsing).
+    vqa_protocol: VQAv2's scoring as lmms-eval-0.3.0 (0.2.4 to 0.3.0, the paper's), lmms-eval-0.3.5 (0.3.5
+      to 0.4.0) or lmms-eval-0.5.0 (0.5.0 to 0.7.3; current is the same) scored it; the other benchmarks'
+      scoring is 0.3.0's whatever this says.
     agreement: also answer the first N questions of each benchmark one at a time and report the share of
       answers equal to the batched ones (0: off).
     device: where the model answers: auto (the GPU when there is one), cpu, cuda, cuda:N.
@@ -36,6 +59,7 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int | None = None
     pope_parser: str = "lmms-eval"
+    vqa_protocol: str = "lmms-eval-0.3.0"
     agreement: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -49,6 +73,7 @@ class EvalConfig:
             raise ValueError(f"eval: dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
         if self.pope_parser not in ("lmms-eval", "llava"):
             raise ValueError(f"eval: pope_parser must be lmms-eval or llava, not {self.pope_parser!r}")
+        self.vqa_protocol = vqa_protocol(self.vqa_protocol)  # "current" recorded as the release it stands for
 
     def placement(self) -> tuple[str, str]:
         """(device, dtype) with ``auto`` resolved on this machine."""
@@ -62,7 +87,7 @@ class EvalConfig:
 
     def protocol(self) -> dict[str, str]:
         """The protocol options that differ between benchmarks' evaluators (each spec takes its own)."""
-        return {"pope_parser": self.pope_parser}
+        return {"pope_parser": self.pope_parser, "vqa_protocol": self.vqa_protocol}
 
 
 @dataclass

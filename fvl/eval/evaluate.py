@@ -49,15 +49,26 @@ class EvalResult:
 
 def _answers(model, samples: list[EvalSample], max_new_tokens: int) -> list[str]:
     images = [s.load_images() for s in samples]  # decoded now, a batch at a time
-    token = getattr(getattr(model, "tokenizer", None), "image_token", None)
-    # lmms-eval's llava puts the placeholders of a multi-image question on one line, space-separated (the
-    # model's own default, one per line, is kept for single images, where the two agree)
-    prompts = [
-        " ".join([token] * len(ims)) + "\n" + s.prompt if token and len(ims) > 1 else s.prompt
-        for s, ims in zip(samples, images, strict=True)
-    ]
+    return generate_answers(model, images, [s.prompt for s in samples], max_new_tokens)
+
+
+def generate_answers(model, images: list[list[Any]], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to one batch of questions, each with its images, prompted as lmms-eval's llava prompts
+    them: the one evaluation path of ``fvl eval`` and of lmms-eval's ``--model fvl``
+    (``fvl.integrations.lmms_eval``), so both give the same answers to the same prompts."""
+    prompts = [image_prompt(model, p, len(ims)) for p, ims in zip(prompts, images, strict=True)]
     predictions = model.generate(images, prompts, max_new_tokens=max_new_tokens)
     return [p.strip() for p in predictions]  # lmms-eval strips every generation before scoring
+
+
+def image_prompt(model, prompt: str, n_images: int) -> str:
+    """``prompt`` with the placeholders of several images as lmms-eval's llava places them: one line,
+    space-separated, before the text, unless the prompt places them itself. A single image's prompt is left
+    to the model, whose own layout (the placeholder on its own line first) is llava's too."""
+    token = getattr(getattr(model, "tokenizer", None), "image_token", None)
+    if not token or n_images < 2 or token in prompt:
+        return prompt
+    return " ".join([token] * n_images) + "\n" + prompt
 
 
 @torch.no_grad()

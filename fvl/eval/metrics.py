@@ -1,7 +1,8 @@
 """Benchmark metrics as torchmetrics ``Metric`` subclasses, each reproducing a standard evaluator exactly.
 
 =========================  ===============================================================================
-``VQAAccuracy``            VQAv2 / TextVQA accuracy as lmms-eval computes it (``EvalAIAnswerProcessor``)
+``VQAAccuracy``            VQAv2 / TextVQA accuracy as lmms-eval computes it (``EvalAIAnswerProcessor``), by
+                           release (``protocol``: 0.3.0, the paper's, by default)
 ``ANLS``                   DocVQA / InfoVQA ANLS as lmms-eval computes it (``lmms_eval/api/metrics.py``)
 ``RelaxedAccuracy``        ChartQA relaxed accuracy (lmms-eval ``relaxed_correctness``, from Qwen-VL)
 ``POPEMetrics``            POPE accuracy / precision / recall / F1 / yes-ratio (lmms-eval ``pope``, or
@@ -30,10 +31,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+# the protocol names live with the option's schema (fvl.eval.config), which must not import torch
+from fvl.eval.config import VQA_PROTOCOLS, vqa_protocol
+
 __all__ = [
     "ANLS",
     "POPEMetrics",
     "RelaxedAccuracy",
+    "VQA_PROTOCOLS",
     "VQAAccuracy",
     "anls_score",
     "levenshtein_distance",
@@ -42,6 +47,7 @@ __all__ = [
     "pope_parse",
     "relaxed_accuracy_score",
     "relaxed_correctness",
+    "vqa_protocol",
     "vqa_score",
 ]
 
@@ -148,36 +154,59 @@ def _as_reference_list(refs: Sequence[str] | str) -> list[str]:
     return refs
 
 
+VQAProtocol = Literal["lmms-eval-0.3.0", "lmms-eval-0.3.5", "lmms-eval-0.5.0", "current"]
+
+
+def _whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def vqa_score(
-    prediction: str, references: Sequence[str] | str, mode: Literal["vqav2", "textvqa"] = "vqav2"
+    prediction: str,
+    references: Sequence[str] | str,
+    mode: Literal["vqav2", "textvqa"] = "vqav2",
+    protocol: VQAProtocol = "lmms-eval-0.3.0",
 ) -> float:
     """VQA accuracy of one answer, as lmms-eval's ``vqav2_process_results`` (``mode="vqav2"``, the default)
-    or ``textvqa_process_results`` (``mode="textvqa"``) computes it.
+    or ``textvqa_process_results`` (``mode="textvqa"``) computes it, in the release ``protocol`` names.
 
-    ``vqav2``: the prediction goes through the full ``normalize_vqa_answer``. The references only have
-    newlines/tabs turned into spaces and are stripped; then, *only if they are not all identical*, the
-    references go through ``process_punctuation`` + ``process_digit_article`` and so does the prediction
-    (a second time). So when all annotators agree, the raw reference is compared with the normalised
-    prediction: ten references "Two" score 0 against "two" (normalised to "2"), while nine "Two" and one
-    "2" score 1.0.
+    ``vqav2``, ``protocol="lmms-eval-0.3.0"`` (the default: lmms-eval 0.2.4 to 0.3.0, the paper's): the
+    prediction goes through the full ``normalize_vqa_answer``. The references only have newlines/tabs turned
+    into spaces and are stripped; then, *only if they are not all identical*, the references go through
+    ``process_punctuation`` + ``process_digit_article`` and so does the prediction (a second time). So when
+    all annotators agree, the raw reference is compared with the normalised prediction: ten references "Two"
+    score 0 against "two" (normalised to "2"), while nine "Two" and one "2" score 1.0.
+
+    ``vqav2``, ``"lmms-eval-0.3.5"`` (0.3.5 to 0.4.0): as above, but the prediction is not normalised first
+    (only newlines/tabs and surrounding spaces): when all references agree the raw strings are compared, so
+    "Yes" or "yes," score 0 against ten "yes", which 0.3.0 scores 1.0.
+
+    ``vqav2``, ``"lmms-eval-0.5.0"`` (0.5.0 to 0.7.3; ``"current"``): prediction and every reference go
+    through newline/tab/strip, ``process_punctuation`` and ``process_digit_article``, always (no
+    identical-references case, and not the word tokenisation of ``normalize_vqa_answer``): "two" scores 1.0
+    against ten "Two" (both "2"), which the earlier protocols score 0.
 
     ``textvqa``: every reference goes through the full ``normalize_vqa_answer`` (no identical-references
-    special case), and the prediction is normalised once.
+    special case), and the prediction is normalised once; the same in every protocol.
 
     Score: the mean over annotators i of ``min(1, #{j != i : ref_j == pred} / 3)``; leave-one-out is by
     position (VQAv2's answers are distinct by ``answer_id``). With 10 references and m matches this is
     0.3 / 0.6 / 0.9 / 1.0 for m = 1 / 2 / 3 / >= 4. Conventions for fewer references: 2..9 references use
     the same formula (so 2 references both matching give 1/3); a single reference scores 1.0 when the
-    normalised prediction equals it and 0.0 otherwise (the all-identical rule applies, so a single
-    reference is not normalised; pre-normalise it with ``normalize_vqa_answer`` if it needs it).
+    prediction equals it after the same processing and 0.0 otherwise (in the 0.3.0 and 0.3.5 protocols the
+    all-identical rule applies, so a single reference is not normalised; pre-normalise it with
+    ``normalize_vqa_answer`` if it needs it).
     """
+    protocol = vqa_protocol(protocol)
     refs = _as_reference_list(references)
-    pred = normalize_vqa_answer(prediction)
     if mode == "textvqa":
+        pred = normalize_vqa_answer(prediction)
         refs = [normalize_vqa_answer(r) for r in refs]
     elif mode == "vqav2":
-        refs = [r.replace("\n", " ").replace("\t", " ").strip() for r in refs]
-        if len(set(refs)) > 1:
+        refs = [_whitespace(r) for r in refs]
+        # 0.3.0 normalises the prediction in full first; later releases only clean its whitespace
+        pred = normalize_vqa_answer(prediction) if protocol == "lmms-eval-0.3.0" else _whitespace(prediction)
+        if protocol == "lmms-eval-0.5.0" or len(set(refs)) > 1:
             refs = [_process_digit_article(_process_punctuation(r)) for r in refs]
             pred = _process_digit_article(_process_punctuation(pred))
     else:
@@ -347,19 +376,28 @@ class _MeanScore(Metric):
 
 class VQAAccuracy(_MeanScore):
     """VQAv2 accuracy exactly as lmms-eval's ``vqav2_process_results`` computes it (official VQA evaluation
-    with ``EvalAIAnswerProcessor``), or TextVQA's ``textvqa_process_results`` with ``mode="textvqa"``.
+    with ``EvalAIAnswerProcessor``), or TextVQA's ``textvqa_process_results`` with ``mode="textvqa"``;
+    ``protocol`` picks the lmms-eval release (``VQA_PROTOCOLS``; default the paper's 0.3.0).
     See ``vqa_score`` for the normalisation, the identical-references quirk, the 0.3/0.6/0.9/1.0 ladder and
     the conventions for fewer than 10 references."""
 
-    def __init__(self, mode: Literal["vqav2", "textvqa"] = "vqav2", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        mode: Literal["vqav2", "textvqa"] = "vqav2",
+        protocol: VQAProtocol = "lmms-eval-0.3.0",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if mode not in ("vqav2", "textvqa"):
             raise ValueError(f"unknown VQA mode {mode!r}: expected 'vqav2' or 'textvqa'")
         self.mode = mode
+        self.protocol = vqa_protocol(protocol)
 
     def update(self, predictions: Sequence[str], references: References) -> None:
         _check_batch(predictions, references)
-        self._add([vqa_score(p, r, self.mode) for p, r in zip(predictions, references, strict=True)])
+        self._add(
+            [vqa_score(p, r, self.mode, self.protocol) for p, r in zip(predictions, references, strict=True)]
+        )
 
 
 class ANLS(_MeanScore):

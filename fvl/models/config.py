@@ -13,6 +13,7 @@ from typing import Any
 INITS = ("pretrained", "random")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_MODES = ("auto", "full", "chunked", "fused")  # model.llm.loss, implemented in fvl.models.loss
+PROMPT_PADDINGS = ("masked", "unmasked")  # model.vision.prompt_padding, in fvl.models.vision.florence2
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
@@ -53,6 +54,12 @@ class VisionConfig:
     image_size: square input resolution in pixels (768 for Florence-2).
     prompts: florence2: the prompts whose encoder outputs become named features (default: the paper's three).
     keep_pooled_token: florence2: keep the mean-pooled token transformers adds (577 tokens at 768 px, not 576).
+    prompt_padding: florence2: how prompts shorter than the longest are fed to the encoder. The prompts are
+      one batch, right-padded to the longest prompt's length. ``masked``: the pads are masked out of
+      attention, so each prompt's features are those of the prompt alone (as Florence-2's own processor and
+      model compute them for a single prompt). ``unmasked``: the pads stay in the sequence and are attended
+      to, as the authors' Florence-VL feeds its hard-coded, padded prompt ids without an attention mask:
+      imported Florence-VL checkpoints use it to reproduce their features exactly.
     layers: clip/siglip: hidden-state indices exposed as features named ``layer_{i}`` (LLaVA-1.5 uses -2).
     frozen_dtype: storage dtype of the tower's weights while a stage freezes them (``bfloat16`` halves their
       memory); weights that train are always float32 master weights (see ``set_trainable``), and compute runs
@@ -69,6 +76,7 @@ class VisionConfig:
     image_size: int = 768
     prompts: list[PromptConfig] = field(default_factory=_paper_prompts)
     keep_pooled_token: bool = False
+    prompt_padding: str = "masked"
     layers: list[int] = field(default_factory=lambda: [-2])
     frozen_dtype: str = "float32"
     compile: bool = False
@@ -76,6 +84,7 @@ class VisionConfig:
     def __post_init__(self) -> None:
         _check_choice(self.init, INITS, "model.vision.init")
         _check_choice(self.frozen_dtype, DTYPES, "model.vision.frozen_dtype")
+        _check_choice(self.prompt_padding, PROMPT_PADDINGS, "model.vision.prompt_padding")
         names = [p.name for p in self.prompts]
         if len(set(names)) != len(names):
             raise ValueError(f"model.vision.prompts: duplicate names {names}")

@@ -116,6 +116,11 @@ def test_a_cache_of_another_model_stage_or_shards_is_refused(env, tmp_path):
     fewer.vision.load_state_dict(model.vision.state_dict())
     with pytest.raises(FeatureCacheError, match="features"):
         first_batches(env, fewer, cache)
+    # the same weights with the prompts fed another way (prompt ids are buffers the weights' hash misses)
+    unmasked = build_model(load("finetune", [*env["base"], "model.vision.prompt_padding=unmasked"]).model)
+    unmasked.load_state_dict(model.state_dict())
+    with pytest.raises(FeatureCacheError, match="prompt_padding"):
+        first_batches(env, unmasked, cache)
     # another resize mode (the align stage squares images)
     dm = build_datamodule(
         load("finetune", [*env["base"], f"data.feature_cache={cache}", "stage.resize_mode=square"]),

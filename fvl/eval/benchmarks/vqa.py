@@ -1,6 +1,8 @@
 """Open-ended benchmarks: TextVQA, VQAv2, VizWiz, GQA, ChartQA, DocVQA, InfoVQA, each as lmms-eval 0.3.0's
 task of the same name reads, prompts and scores it (the task is named in each spec). Predictions reach
-``score`` stripped, as lmms-eval strips every generation before ``process_results``."""
+``score`` stripped, as lmms-eval strips every generation before ``process_results``. VQAv2's scoring changed
+in later lmms-eval releases: its ``vqa_protocol`` option picks one (``fvl.eval.metrics.VQA_PROTOCOLS``);
+TextVQA's and VizWiz's did not change."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 
 from fvl.eval.benchmarks.sample import EvalSample
 from fvl.eval.benchmarks.spec import BenchmarkSpec, ImageJoin, Row, Scored, json_submission, register
-from fvl.eval.metrics import anls_score, normalize_vqa_answer, relaxed_correctness, vqa_score
+from fvl.eval.metrics import VQA_PROTOCOLS, anls_score, normalize_vqa_answer, relaxed_correctness, vqa_score
 
 SHORT = "\nAnswer the question using a single word or phrase."
 UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT
@@ -44,7 +46,9 @@ def question_row(suffix: str, capitalize: bool = False, answer_key: str = "answe
 
 def _vqa(mode: str):
     def score(sample: EvalSample, prediction: str, options: dict[str, Any]) -> float:
-        return vqa_score(prediction, sample.references, mode)  # type: ignore[arg-type]
+        # only VQAv2's spec has the option: TextVQA's and VizWiz's scoring never changed
+        protocol = options.get("vqa_protocol", "lmms-eval-0.3.0")
+        return vqa_score(prediction, sample.references, mode, protocol)  # type: ignore[arg-type]
 
     return score
 
@@ -96,6 +100,7 @@ register("vqav2", BenchmarkSpec(
     task="vqav2_val", split="validation", metric="VQA accuracy (references normalised only if they differ)",
     read=question_row(SHORT), score=_vqa("vqav2"), max_new_tokens=16,
     submission=json_submission("vqav2-test-submission.json", _normalised_answer("question_id")),
+    options={"vqa_protocol": tuple(VQA_PROTOCOLS)},
 ))  # fmt: skip
 register("vizwiz", BenchmarkSpec(
     task="vizwiz_vqa_val", split="val", metric="VQA accuracy, every reference normalised",

@@ -8,6 +8,11 @@ DaViT runs once per image; all prompts go through the encoder as one batch of ``
 exactly as Florence-2's processor lays them out (image tokens, ``<s>``, prompt, ``</s>``); the decoder is
 not kept. Transformers prepends one mean-pooled token to the image tokens (577 at 768 px); it is dropped
 unless ``keep_pooled_token`` (Florence-VL feeds 576).
+
+Prompts shorter than the longest are right-padded. ``prompt_padding=masked`` (the default) masks the pads
+out of attention; ``unmasked`` leaves them in and attended, which is what the authors' Florence-VL does (its
+prompt ids are padded to the longest of its three prompts and fed without an attention mask): an imported
+Florence-VL checkpoint needs it to give the features it was trained on.
 """
 
 from __future__ import annotations
@@ -177,6 +182,7 @@ class Florence2Tower(VisionTower):
         spec = self.transform_for(cfg)
         self.image_size, self.image_mean, self.image_std = spec.size, spec.mean, spec.std
         self.keep_pooled_token = cfg.keep_pooled_token
+        self.prompt_padding = cfg.prompt_padding
         self.prompt_names = [p.name for p in cfg.prompts]
         self.prompt_texts = [expand_prompt(p.text) for p in cfg.prompts]
         self._tokens = _tokens(config.vision_config, cfg)
@@ -254,8 +260,9 @@ class Florence2Tower(VisionTower):
                 ],
                 dim=2,
             ).reshape(batch * n_prompts, n_img + text.shape[1], dim)
-            mask = None
-            if any(self.prompt_padded[i] for i in wanted):  # a mask only when needed (keeps SDPA fast)
+            mask = None  # ``unmasked``: pads attended, as Florence-VL feeds its padded prompts
+            masked = self.prompt_padding == "masked"
+            if masked and any(self.prompt_padded[i] for i in wanted):  # a mask only when needed (fast SDPA)
                 img_mask = prompt_mask.new_ones(n_prompts, n_img)
                 mask = _additive(torch.cat([img_mask, prompt_mask], dim=1).repeat(batch, 1), embeds.dtype)
             hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
