@@ -91,23 +91,35 @@ def train(cfg: Florence2TinyConfig, progress: bool = True):
     transform = ImageTransform(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
     data = TaskBatches(tok, transform, cfg.samples, "train", cfg.image_size)
     n_img = _image_tokens(model, data)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.01)
     rng = random.Random(cfg.seed)
     losses = []
     with Progress(disable=not progress) as bar:
         task = bar.add_task("florence2-tiny", total=cfg.steps)
         for step in range(cfg.steps):
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = group["peak_lr"] * _lr_at(step, cfg) / cfg.lr
             picks = [(rng.randrange(cfg.samples), rng.choice(TASKS)) for _ in range(cfg.batch_size)]
             loss = step_loss(model, data.batch(picks, model.config.image_token_id, n_img), cfg.decoder_reads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
             opt.step()
             losses.append(loss.item())
             bar.advance(task)
     return model.eval(), tok, losses
+
+
+def param_groups(model, cfg: Florence2TinyConfig) -> list[dict[str, Any]]:
+    """AdamW's groups: DaViT (``vision_tower``) at ``davit_lr`` (frozen when 0), the rest at ``lr``."""
+    davit = list(model.model.vision_tower.parameters())
+    ids = {id(p) for p in davit}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "peak_lr": cfg.lr}]
+    if cfg.davit_lr > 0:
+        groups.append({"params": davit, "peak_lr": cfg.davit_lr})
+    else:
+        model.model.vision_tower.requires_grad_(False)
+    return groups
 
 
 def encode(model, batch: dict[str, torch.Tensor]):

@@ -149,3 +149,29 @@ def test_cli_builds_into_a_folder_and_refuses_custom_settings_without_one(tmp_pa
     assert again.returncode == 0 and "holds a build already" in again.stdout
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "need --out" in refused.stderr
+
+
+def test_davit_stays_at_its_initialisation_unless_given_a_learning_rate(quick_build):
+    from fvl.florence2_tiny.build import param_groups
+    from fvl.florence2_tiny.config import tiny_arch
+    from fvl.models.vision.florence2 import random_init_config
+
+    out, _ = quick_build
+    torch.manual_seed(QUICK.seed)  # what build() does before creating the model
+    init = Florence2ForConditionalGeneration(random_init_config(tiny_arch(), tokenizer_with_locations()))
+    saved = Florence2ForConditionalGeneration.from_pretrained(out)
+    for (name, a), b in zip(
+        init.model.vision_tower.state_dict().items(),
+        saved.model.vision_tower.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name  # frozen (davit_lr=0, the default)
+    assert not torch.equal(  # while the rest trained
+        init.model.multi_modal_projector.image_projection.weight,
+        saved.model.multi_modal_projector.image_projection.weight,
+    )
+    groups = param_groups(init, Florence2TinyConfig(davit_lr=1e-4))
+    assert [g["peak_lr"] for g in groups] == [1e-3, 1e-4]
+    assert len(groups[1]["params"]) == len(list(init.model.vision_tower.parameters()))
+    with pytest.raises(ValueError, match="davit_lr"):
+        Florence2TinyConfig(davit_lr=-1)
