@@ -213,6 +213,10 @@ def test_a_truncated_jpeg_fails_whatever_the_global_flag_says(photo_jpeg, monkey
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some other library might set it
     assert reason(photo_jpeg[: len(photo_jpeg) // 2], 768) == "unreadable_image"
     assert transform(768).decode(photo_jpeg).shape == (3, 768, 768)  # a whole file still decodes
+    # (lmms-eval sets the flag when imported) an image the caller opened lazily fails too
+    with pytest.raises(ImageError, match="truncated"):
+        transform(768)(Image.open(io.BytesIO(photo_jpeg[: len(photo_jpeg) // 2])))
+    assert transform(768)(Image.open(io.BytesIO(photo_jpeg))).shape == (3, 768, 768)
 
 
 def test_bombs_are_refused_from_the_header_before_decoding(monkeypatch):

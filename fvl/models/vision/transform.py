@@ -114,6 +114,8 @@ class ImageTransform:
         not changed: no draft, so a caller that keeps it keeps it at full size."""
         if image.width == 0 or image.height == 0:
             raise ImageError("empty_image", f"{image.width}x{image.height}")
+        if isinstance(image, JpegImagePlugin.JpegImageFile) and getattr(image, "fp", None) is not None:
+            _strict_jpeg_reads(image)  # not yet loaded: truncated data must fail here too, flag or not
         _load(image)  # a lazily opened file's bad data raises ImageError here too
         return self._finish(image, self.resized_size(*image.size))
 
