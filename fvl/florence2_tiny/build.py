@@ -73,11 +73,12 @@ class TaskBatches:
         }
 
 
-def _lr_at(step: int, cfg: Florence2TinyConfig) -> float:
+def _lr_factor(step: int, cfg: Florence2TinyConfig) -> float:
+    """The schedule, as a factor of each group's peak: linear warm-up over 5 % of the steps, cosine decay."""
     warmup = max(1, cfg.steps // 20)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
 
 
 def train(cfg: Florence2TinyConfig, progress: bool = True):
@@ -91,6 +92,7 @@ def train(cfg: Florence2TinyConfig, progress: bool = True):
     transform = ImageTransform(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
     data = TaskBatches(tok, transform, cfg.samples, "train", cfg.image_size)
     n_img = _image_tokens(model, data)
+    model.model.vision_tower.requires_grad_(cfg.davit_lr > 0)  # frozen DaViT: no backward through it
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.01)
     rng = random.Random(cfg.seed)
     losses = []
@@ -98,7 +100,7 @@ def train(cfg: Florence2TinyConfig, progress: bool = True):
         task = bar.add_task("florence2-tiny", total=cfg.steps)
         for step in range(cfg.steps):
             for group in opt.param_groups:
-                group["lr"] = group["peak_lr"] * _lr_at(step, cfg) / cfg.lr
+                group["lr"] = group["peak_lr"] * _lr_factor(step, cfg)
             picks = [(rng.randrange(cfg.samples), rng.choice(TASKS)) for _ in range(cfg.batch_size)]
             loss = step_loss(model, data.batch(picks, model.config.image_token_id, n_img), cfg.decoder_reads)
             opt.zero_grad(set_to_none=True)
@@ -111,14 +113,12 @@ def train(cfg: Florence2TinyConfig, progress: bool = True):
 
 
 def param_groups(model, cfg: Florence2TinyConfig) -> list[dict[str, Any]]:
-    """AdamW's groups: DaViT (``vision_tower``) at ``davit_lr`` (frozen when 0), the rest at ``lr``."""
+    """AdamW's groups: DaViT (``vision_tower``) at ``davit_lr`` (left out when 0: frozen), the rest at ``lr``."""
     davit = list(model.model.vision_tower.parameters())
     ids = {id(p) for p in davit}
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "peak_lr": cfg.lr}]
     if cfg.davit_lr > 0:
         groups.append({"params": davit, "peak_lr": cfg.davit_lr})
-    else:
-        model.model.vision_tower.requires_grad_(False)
     return groups
 
 
