@@ -100,13 +100,16 @@ def build_features(
     runs: str = "runs",
     progress: Callable[[int], None] | None = None,
     model: Any = None,
+    all_features: bool = False,
 ) -> dict[str, Any]:
     """Write the feature cache of ``checkpoint`` (a weights file, run folder or ``latest``; or an already
     loaded ``model``) for the shards of ``sources`` (all when empty) in ``shards``; returns its manifest.
 
     resize_mode: the image transform of the stage that will read the cache (``pad`` for finetune).
     dtype: how the features are stored (bfloat16, float16 or float32).
-    progress: called with the number of samples done after each batch."""
+    progress: called with the number of samples done after each batch.
+    all_features: store every feature of the tower side by side (``side_by_side``) instead of the model's
+    fused ones."""
     from fvl.models import load_for_inference
 
     if dtype not in DTYPES:
@@ -114,6 +117,8 @@ def build_features(
     began = time.perf_counter()
     if model is None:
         model = load_for_inference(checkpoint, runs)
+    if all_features:
+        side_by_side(model)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
@@ -260,41 +265,99 @@ def _refuse_other_cache(out: Path, identity: dict[str, Any]) -> None:
         )
 
 
-def cache_for_stage(cfg: Any, checkpoint: str | Path, folder: str | Path) -> Path | None:
+def side_by_side(model: Any) -> Any:
+    """``model`` with its fusion replaced by a channel concat of every feature its tower makes (in place):
+    a cache built from it serves any parameter-free fusion over a subset of those features
+    (``fvl.data.feature_cache.FeatureSelection``), so one cache serves a whole fusion sweep."""
+    import dataclasses
+
+    from fvl.models.config import FusionConfig
+    from fvl.models.fusion import build_fusion
+
+    names = list(model.vision.feature_names)
+    fusion_cfg = FusionConfig("dbfusion", names)
+    dims = {n: model.vision.feature_dim(n) for n in names}
+    model.fusion = build_fusion(fusion_cfg, dims, model.vision.num_tokens)
+    model.cfg = dataclasses.replace(model.cfg, fusion=fusion_cfg)
+    return model
+
+
+def cache_for_stage(
+    cfg: Any, checkpoint: str | Path | None, folder: str | Path, shared: bool = False
+) -> Path | None:
     """The feature cache a stage of ``cfg`` (an experiment config) can read when it starts from
-    ``checkpoint``: built under ``folder/<identity>`` (or reused, when a cache of the same checkpoint,
-    fusion and transform is there already) and returned; None when the cache does not apply or would not
-    pay. It applies when the stage trains neither the tower nor a fusion with parameters; it pays when the
-    stage reads at least one pass over its samples (the build runs the tower once per sample; a shorter
-    stage runs it less often than that). Measured break-even: about 1.1 passes for the tiny preset on a
-    2-core CPU, under one pass for the 3B model on a GPU (BENCHMARKS.md)."""
+    ``checkpoint`` (None: a first stage, whose model is built from ``cfg``): built under
+    ``folder/<identity>`` (or reused, when a complete cache of the same tower and transform is there already)
+    and returned; None when the cache does not apply or would not pay.
+
+    It applies when the stage trains neither the tower nor a fusion with parameters, and, for a first stage,
+    when the tower's weights come from ``model.vision.path`` (a random-init tower differs with the seed). It
+    pays when the stage reads at least one pass over its samples (the build runs the tower once per sample; a
+    shorter stage runs it less often than that). Measured break-even: about 1.1 passes for the tiny preset on
+    a 2-core CPU, under one pass for the 3B model on a GPU (BENCHMARKS.md).
+
+    shared: the cache holds every feature of the tower side by side (``side_by_side``), so that every run
+    of a fusion sweep with this tower reads the same one; it is then built whatever one run reads. Builds
+    of one folder are serialised by a file lock: runs side by side wait for the first build, then reuse it."""
     import hashlib
+
+    import lightning as L
+    from filelock import FileLock
 
     from fvl.config import as_experiment
     from fvl.data.datamodule import ensure_shards
-    from fvl.models import load_for_inference, set_trainable
+    from fvl.models import build_model, load_for_inference, set_trainable
 
     exp = as_experiment(cfg)
     if "vision" in exp.stage.trainable or exp.data.feature_cache:
         return None
+    if checkpoint is None and exp.model.vision.init != "pretrained":
+        return None
     manifest = ensure_shards(exp.data, progress=False)
     samples = shard_set(exp.data.shards, manifest, list(exp.data.sources) or None).total
     reads = exp.trainer.max_steps * exp.train.global_batch_size
-    if reads < samples:
+    if reads < samples and not shared:
         log.info(
             "no feature cache for stage %s: it reads %d samples, fewer than the %d a cache holds",
             exp.stage.name, reads, samples,
         )  # fmt: skip
         return None
-    model = load_for_inference(checkpoint, exp.output_dir)
+    if checkpoint is None:
+        L.seed_everything(exp.seed, workers=True)
+        model = build_model(exp.model).eval()
+    else:
+        model = load_for_inference(checkpoint, exp.output_dir)
     set_trainable(model, exp.stage.trainable)
     if not model.features_frozen():
         return None
+    if shared:
+        if any(True for _ in model.fusion.parameters()):
+            return None  # a learned fusion cannot be computed from the features as they are read
+        side_by_side(model)
     identity = {**identity_of(model, exp.stage.resize_mode), "dtype": "bfloat16"}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(folder) / key
-    build_features(
-        checkpoint, exp.data.shards, out, exp.data.sources, exp.stage.resize_mode,
-        batch_size=max(32, exp.data.batch_size), num_workers=exp.data.num_workers, model=model,
-    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not _complete(out, identity, exp.data.shards, exp.data.sources):
+            build_features(
+                checkpoint or "(built from the config)", exp.data.shards, out, exp.data.sources,
+                exp.stage.resize_mode, batch_size=max(32, exp.data.batch_size),
+                num_workers=exp.data.num_workers, model=model,
+            )  # fmt: skip
     return out
+
+
+def _complete(out: Path, identity: dict[str, Any], shards: str | Path, sources: Sequence[str]) -> bool:
+    """Whether ``out`` holds a finished cache of ``identity`` covering the current shards of ``sources``."""
+    try:
+        built = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if built.get("identity") != identity:
+        return False
+    manifest = load_manifest(Path(shards))
+    chosen = shard_set(Path(shards), manifest, list(sources) or None)
+    names = {Path(u).name for urls in chosen.urls.values() for u in urls}
+    cached = {sh["path"]: sh.get("sha256") for sh in built.get("shards", [])}
+    return all(cached.get(sh["path"]) == sh.get("sha256") for sh in manifest["shards"] if sh["path"] in names)

@@ -169,3 +169,22 @@ def synthetic_recipe(path: Path, captions: int, qa: int, per_shard: int) -> Path
         f"shards: {{samples_per_shard: {per_shard}}}\n"
     )
     return path
+
+
+def cache_setting(root: Path, captions: int, qa: int, per_shard: int):
+    """What the feature-cache tests start from: a small synthetic recipe with its shards built under ``root``,
+    the config overrides that read it, and a seeded tiny finetune model saved as ``root/init.safetensors``.
+    Returns ``(overrides, model, checkpoint)``."""
+    import torch
+
+    from fvl.data.datamodule import build_datamodule
+    from fvl.models import build_model, save_checkpoint
+
+    synthetic_recipe(root / "recipe.yaml", captions=captions, qa=qa, per_shard=per_shard)
+    base = [f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", "data.num_workers=0",
+            "data.batch_size=8", "data.val_samples=0"]  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(load("finetune", base).model)
+    checkpoint = save_checkpoint(model, root / "init.safetensors")
+    build_datamodule(load("finetune", base)).setup()  # builds the shards
+    return base, model, checkpoint

@@ -113,3 +113,8 @@ def test_image_tokens_must_leave_room_for_text():
     load(
         "florence_vl_3b", ["model.fusion.name=token_concat", "model.fusion.features=[caption,ocr,grounding]"]
     )
+
+
+def test_a_tower_path_with_random_init_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="model.vision.init=pretrained"):
+        OmegaConf.to_object(load("tiny", ["model.vision.path=/some/florence2"]))

@@ -167,6 +167,8 @@ class FeaturesBuildArgs:
     workers: DataLoader worker processes decoding images.
     device: auto (a GPU when there is one), cuda or cpu.
     runs: where latest looks for runs.
+    all_features: store every feature of the tower side by side instead of the checkpoint's fused ones: the
+      cache then serves any parameter-free fusion over a subset of them (one cache for a fusion sweep).
     quiet: no progress bar.
     """
 
@@ -180,6 +182,7 @@ class FeaturesBuildArgs:
     workers: int = 1
     device: str = "auto"
     runs: str = "runs"
+    all_features: bool = False
     quiet: bool = False
 
 
@@ -199,6 +202,7 @@ def features_build(args: FeaturesBuildArgs) -> int:
         manifest = build_features(
             args.checkpoint, args.shards, args.out, args.sources, args.resize_mode, args.dtype,
             args.batch_size, args.workers, args.device, args.runs, progress=lambda n: bar.advance(task, n),
+            all_features=args.all_features,
         )  # fmt: skip
     ident = manifest["identity"]
     print(
@@ -241,16 +245,18 @@ class SweepArgs:
 
     sweep: sweep YAML, e.g. experiments/sweeps/fusion.yaml.
     overrides: dot-list overrides applied to every run.
+    parallel: grid points trained side by side, each in a worker process (0: the sweep YAML's parallel).
     """
 
     sweep: str = field(metadata=_POS)
     overrides: list[str] = field(default_factory=list, metadata=_POS)
+    parallel: int = 0
 
 
 def sweep(args: SweepArgs) -> int:
     from fvl.train.sweep import load_sweep, print_sweep_summary, run_sweep
 
-    runs = run_sweep(args.sweep, args.overrides)
+    runs = run_sweep(args.sweep, args.overrides, parallel=args.parallel or None)
     print_sweep_summary(load_sweep(args.sweep).name, runs)
     return 0 if all(r.status == "ok" for r in runs) else 1
 

@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader
 
 from fvl.data.collate import collate
 from fvl.data.config import DataConfig
-from fvl.data.feature_cache import FeatureSpans, check_cache, load_cache_manifest
+from fvl.data.feature_cache import (
+    FUSION_KEYS,
+    FeatureSelection,
+    FeatureSpans,
+    check_cache,
+    load_cache_manifest,
+)
 from fvl.data.plan import EpochBatches, PlanSettings
 from fvl.data.reader import Catalog, PlannedLoader, ShardReader, as_is
 from fvl.data.recipes import Recipe, load_recipe, resolve_recipe_path
@@ -116,6 +122,8 @@ class FVLDataModule(L.LightningDataModule):
     feature_identity: the model's ``fvl.data.feature_cache.identity_of`` when ``data.feature_cache`` is set
         (the trainer passes it): the cache must match it. Without it only the shards, the resize mode and the
         feature shape are checked.
+    fusion: the model's (parameter-free) fusion module: with it, a cache of features side by side (``fvl
+        features build --all-features``) serves this run whatever subset it fuses, fused as it is read.
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class FVLDataModule(L.LightningDataModule):
         val_task: str = "caption",
         seed: int = 0,
         feature_identity: dict[str, Any] | None = None,
+        fusion: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -132,6 +141,7 @@ class FVLDataModule(L.LightningDataModule):
         self.val_task = val_task
         self.seed = seed
         self.feature_identity = feature_identity
+        self.fusion = fusion
         self.train_catalog: Catalog | None = None
         self.val_catalog: Catalog | None = None
         self.train_features: FeatureSpans | None = None
@@ -185,11 +195,22 @@ class FVLDataModule(L.LightningDataModule):
             "resize_mode": self.processor.transform.mode,
             "tokens": self.processor.image_tokens,
         }
+        select = FeatureSelection.between(built["identity"], expected, self.fusion)
+        if select is not None:  # features side by side: what the fusion decides is the run's to choose
+            expected = {k: v for k, v in expected.items() if k not in FUSION_KEYS}
         check_cache(built, expected, entries, cache)
-        self.train_features = FeatureSpans.aligned(cache, self.train_catalog.paths, self.train_catalog.shard)
+        self.train_features = FeatureSpans.aligned(
+            cache, self.train_catalog.paths, self.train_catalog.shard, select
+        )
         if self.val_catalog is not None:
-            self.val_features = FeatureSpans.aligned(cache, self.val_catalog.paths, self.val_catalog.shard)
-        log.info("data.feature_cache=%s: image features read from the cache (the tower is skipped)", cache)
+            self.val_features = FeatureSpans.aligned(
+                cache, self.val_catalog.paths, self.val_catalog.shard, select
+            )
+        log.info(
+            "data.feature_cache=%s: image features read from the cache (the tower is skipped)%s", cache,
+            f"; features {expected_names(self.feature_identity)} of {built['identity'].get('features')} fused "
+            "as read" if select else "",
+        )  # fmt: skip
 
     def plan(self) -> EpochBatches:
         """This rank's epoch plan over the training catalog."""
@@ -263,18 +284,24 @@ class FVLDataModule(L.LightningDataModule):
         )
 
 
+def expected_names(identity: dict[str, Any] | None) -> list[str]:
+    return list((identity or {}).get("features") or [])
+
+
 def build_datamodule(
     cfg: DictConfig | Any,
     stage: Any = None,
     processor: Processor | None = None,
     feature_identity: dict[str, Any] | None = None,
+    fusion: torch.nn.Module | None = None,
 ) -> FVLDataModule:
     """The DataModule of a loaded experiment config (``fvl.config.load``), without building the model.
 
     stage: a stage (its name, or a ``StageConfig``); when it is not ``cfg``'s own, its YAML applies on top
     of ``cfg`` (its sources, resize mode and validation task); None keeps ``cfg.stage``. processor: reuse one
     (the model's); default: built from ``cfg.model``. feature_identity: what ``data.feature_cache`` must have
-    been built with (``fvl.data.feature_cache.identity_of`` of the model)."""
+    been built with (``fvl.data.feature_cache.identity_of`` of the model); fusion: the model's fusion (a
+    cache of features side by side is then fused for it as read)."""
     from fvl.config import as_experiment, with_stage
     from fvl.models.processor import build_processor
 
@@ -285,4 +312,4 @@ def build_datamodule(
     if processor is None:
         processor = build_processor(exp.model)
     processor = processor.with_resize_mode(exp.stage.resize_mode)
-    return FVLDataModule(exp.data, processor, exp.stage.val_task, exp.seed, feature_identity)
+    return FVLDataModule(exp.data, processor, exp.stage.val_task, exp.seed, feature_identity, fusion)

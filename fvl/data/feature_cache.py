@@ -16,6 +16,12 @@ span ``i`` of the feature shard, so a reader fetches both with one ``pread`` eac
 A cache is refused (``check_cache``) when anything it depends on differs from the run's: the tower's and the
 fusion's weights (a sha256 over their state), the tower, the fusion and its feature set, the resize mode,
 or the sample shards (rebuilt since). The stored dtype (bf16 by default) is the run's to read.
+
+One exception serves sweeps: a cache of features side by side (``dbfusion``, a channel concat, over a set of
+features; ``fvl features build --all-features`` stores all of the tower's) holds every feature separately,
+so any parameter-free fusion over a subset of them can be computed from it as each sample is read
+(``FeatureSelection``). One cache then serves every variant of a fusion sweep (`dbfusion`, `token_concat`,
+`avg_pool`, the leave-one-out ablations) instead of one cache per variant.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ def identity_of(model: Any, resize_mode: str) -> dict[str, Any]:
         "image_size": int(model.vision.image_size),
         "fusion": model.cfg.fusion.name,
         "features": list(model.fusion.names),
+        "feature_dims": dict(model.fusion.dims),
         "tokens": int(model.num_image_tokens),
         "dim": int(model.fusion.output_dim),
         "resize_mode": resize_mode,
@@ -170,6 +177,50 @@ def check_cache(
         )
 
 
+# What a fusion decides; a cache of features side by side may differ from the run in these alone.
+FUSION_KEYS = ("fusion", "features", "feature_dims", "tokens", "dim")
+
+
+@dataclass
+class FeatureSelection:
+    """Computes a run's fused features from a cache of features side by side (``dbfusion`` over ``names``,
+    widths ``dims``): splits the channels back into the named features and applies the run's ``fusion`` (a
+    parameter-free module, so it may run in the data loader). Fuses in float32 (the projector casts to its
+    own dtype anyway), so ``avg_pool`` averages the stored values without a second rounding."""
+
+    names: list[str]
+    dims: dict[str, int]
+    fusion: torch.nn.Module
+
+    @classmethod
+    def between(
+        cls, built: dict[str, Any], run: dict[str, Any], fusion: torch.nn.Module | None
+    ) -> FeatureSelection | None:
+        """The selection that turns the cache ``built`` (its identity) into the run's features (``run``,
+        its identity; ``fusion``, its fusion module), or None when the cache holds the run's fused features
+        already or cannot serve it (``check_cache`` then says what differs)."""
+        if fusion is None or all(built.get(k) == run.get(k) for k in FUSION_KEYS):
+            return None
+        names, dims = built.get("features") or [], built.get("feature_dims") or {}
+        wanted = run.get("features") or []
+        if (
+            built.get("fusion") != "dbfusion"
+            or not set(wanted) <= set(names)
+            or set(dims) != set(names)
+            or any(p is not None for p in fusion.parameters())
+        ):
+            return None
+        if any(dims[n] != run.get("feature_dims", {}).get(n, dims[n]) for n in wanted):
+            return None  # a feature of another width: not the same tower
+        return cls(list(names), {n: int(dims[n]) for n in names}, fusion)
+
+    def __call__(self, side_by_side: torch.Tensor) -> torch.Tensor:
+        """``[N, tokens, sum(dims)]`` -> ``[N, run tokens, run dim]``."""
+        parts = side_by_side.float().split([self.dims[n] for n in self.names], dim=-1)
+        with torch.no_grad():
+            return self.fusion(dict(zip(self.names, parts, strict=True)))
+
+
 @dataclass
 class FeatureSpans:
     """Where each sample's features lie, aligned with a sample ``Catalog`` (same ids)."""
@@ -179,11 +230,18 @@ class FeatureSpans:
     start: np.ndarray
     end: np.ndarray
     empty: torch.Tensor  # ``[0, tokens, dim]``: the features of a text-only batch
+    select: FeatureSelection | None = None  # a cache of features side by side, fused for the run as read
 
     @classmethod
-    def aligned(cls, cache: str | Path, sample_paths: list[str], sample_shard: np.ndarray) -> FeatureSpans:
+    def aligned(
+        cls,
+        cache: str | Path,
+        sample_paths: list[str],
+        sample_shard: np.ndarray,
+        select: FeatureSelection | None = None,
+    ) -> FeatureSpans:
         """The spans of the feature shards named like ``sample_paths``; every shard must hold as many
-        entries as its sample shard."""
+        entries as its sample shard. ``select``: fuse a cache of features side by side for the run."""
         cache = Path(cache)
         ident = load_cache_manifest(cache)["identity"]
         paths, starts, ends = [], [], []
@@ -202,12 +260,14 @@ class FeatureSpans:
             paths.append(str(path))
             starts.append(spans["start"])
             ends.append(spans["end"])
+        empty = torch.empty(0, ident["tokens"], ident["dim"], dtype=DTYPES[ident["dtype"]])
         return cls(
             paths,
             np.asarray(sample_shard, dtype=np.int32),
             np.concatenate(starts) if starts else np.zeros(0, np.int64),
             np.concatenate(ends) if ends else np.zeros(0, np.int64),
-            torch.empty(0, ident["tokens"], ident["dim"], dtype=DTYPES[ident["dtype"]]),
+            select(empty) if select is not None else empty,
+            select,
         )
 
     def read(self, i: int, fd: int, key: str) -> list[torch.Tensor]:
@@ -223,4 +283,7 @@ class FeatureSpans:
                 f"{self.paths[int(self.shard[i])]}: entry {raw['__key__']!r} where sample {key!r} should be; "
                 "the cache was built from other shards: rebuild it with fvl features build"
             )
-        return decode_entry(raw)
+        features = decode_entry(raw)
+        if self.select is None or not features:
+            return features
+        return list(self.select(torch.stack(features)).unbind(0))

@@ -160,3 +160,101 @@ def ranking(
     """Variants by their mean over runs (seeds) of ``normalised_score``, best first."""
     means = {v: float(np.mean([normalised_score(r, chance) for r in runs])) for v, runs in scores.items()}
     return sorted(means.items(), key=lambda kv: kv[1], reverse=True)
+
+
+# ---- the paper's findings, tested on a sweep ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's findings as a paired comparison: ``variant`` minus ``baseline`` on ``skill``
+    (``OVERALL``: the chance-normalised mean over skills) should be ``> 0`` (``expect="higher"``), ``< 0``
+    (``"lower"``) or not below 0 (``"not_lower"``: "at least as good")."""
+
+    text: str
+    variant: str
+    baseline: str
+    skill: str
+    expect: str
+
+
+# The paper's fusion findings (Florence-VL, Tables 1 and 4-6) in the sweep's variant names.
+PAPER_CLAIMS = (
+    Claim("DBFusion is at least as good as token concat", "dbfusion", "token_concat", OVERALL, "not_lower"),
+    Claim("DBFusion is above average pooling", "dbfusion", "avg_pool", OVERALL, "higher"),
+    Claim("token concat is above average pooling", "token_concat", "avg_pool", OVERALL, "higher"),
+    Claim("removing the OCR feature hurts OCR", "minus_ocr", "dbfusion", "ocr", "lower"),
+    Claim(
+        "removing the grounding feature hurts position", "minus_grounding", "dbfusion", "position", "lower"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    claim: Claim
+    interval: Interval | None  # variant - baseline, 95 % (None: the sweep lacks a variant or the skill)
+    seeds: int
+    verdict: str  # reproduced | not resolved | contradicted | not measured
+
+    @property
+    def sentence(self) -> str:
+        c, i = self.claim, self.interval
+        what = "the chance-normalised mean over skills" if c.skill == OVERALL else f"{c.skill}"
+        if i is None:
+            return f"{c.text}: not measured (the sweep has no {c.variant} or {c.baseline} scores on {what})."
+        diff = f"{c.variant} - {c.baseline} on {what} = {i.estimate:+.3f}, 95 % interval [{i.low:+.3f}, {i.high:+.3f}] over {self.seeds} seeds"
+        meaning = {
+            "reproduced": "reproduced at this scale",
+            "not resolved": "not resolved at this scale: the interval holds 0",
+            "contradicted": "contradicted at this scale",
+        }[self.verdict]
+        if c.expect == "not_lower" and self.verdict == "reproduced" and i.low <= 0:
+            meaning = "reproduced at this scale (no loss resolved; the interval holds 0)"
+        return f"{c.text}: {meaning} ({diff})."
+
+
+def verdict(interval: Interval, expect: str) -> str:
+    """What an interval of ``variant - baseline`` says of a claim: ``higher`` holds when the whole interval
+    is above 0, ``lower`` when it is below, ``not_lower`` unless it is below; ``contradicted`` when the
+    interval lies wholly on the other side; ``not resolved`` otherwise."""
+    if expect == "higher":
+        return "reproduced" if interval.low > 0 else "contradicted" if interval.high < 0 else "not resolved"
+    if expect == "lower":
+        return "reproduced" if interval.high < 0 else "contradicted" if interval.low > 0 else "not resolved"
+    if expect == "not_lower":
+        return "contradicted" if interval.high < 0 else "reproduced"
+    raise ValueError(f"expect={expect!r}: higher, lower or not_lower")
+
+
+def paper_findings(
+    records: Mapping[str, Mapping[Hashable, Records]],
+    chance: Mapping[str, float],
+    claims: Sequence[Claim] = PAPER_CLAIMS,
+    n_boot: int = 2000,
+) -> list[Finding]:
+    """Each claim tested on a sweep's evaluations: ``records[variant][seed]`` are a run's per-question
+    records. The interval is ``bootstrap_ci``'s (seeds and questions resampled, paired by seed and
+    question)."""
+    out = []
+    for claim in claims:
+        mine, theirs = records.get(claim.variant, {}), records.get(claim.baseline, {})
+        diffs = seed_differences(mine, theirs) if mine and theirs else {}
+        intervals = bootstrap_ci(diffs, chance, n_boot=n_boot) if diffs else {}
+        interval = intervals.get(claim.skill)
+        out.append(
+            Finding(
+                claim, interval, len(diffs), verdict(interval, claim.expect) if interval else "not measured"
+            )
+        )
+    return out
+
+
+def score_intervals(per_seed: Mapping[Hashable, Records], n_boot: int = 2000) -> dict[str, Interval]:
+    """Per group, a variant's mean score over its seeds (``per_seed[seed]``: a run's per-question records)
+    with the 95 % bootstrap interval that resamples the seeds and, within each, the questions."""
+    scores: dict[Hashable, dict[str, np.ndarray]] = {}
+    for seed, records in per_seed.items():
+        groups: dict[str, list[float]] = {}
+        for r in records:
+            groups.setdefault(str(r["group"]), []).append(float(r["score"]))
+        scores[seed] = {g: np.asarray(v, dtype=float) for g, v in groups.items()}
+    return bootstrap_ci(scores, n_boot=n_boot) if scores else {}

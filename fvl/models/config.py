@@ -92,6 +92,11 @@ class VisionConfig:
             raise ValueError("model.vision.prompts: 'davit' is reserved for the projected DaViT tokens")
         if self.image_size <= 0:
             raise ValueError(f"model.vision.image_size must be positive, got {self.image_size}")
+        if self.init == "random" and self.path:
+            raise ValueError(
+                f"model.vision.path={self.path} is set but model.vision.init=random builds a random tower and "
+                "would ignore it: set model.vision.init=pretrained to load it (or drop the path)"
+            )
 
 
 @dataclass

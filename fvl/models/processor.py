@@ -90,8 +90,12 @@ def image_tokens_for(cfg: ModelConfig, strict: bool = True) -> int | None:
     """LLM tokens per image for ``cfg``, from the tower's and the fusion's classes (nothing is built).
     ``strict=False`` (config validation) answers from ``model.vision.arch`` when a pretrained tower's folder
     cannot be read yet, and None when nothing tells."""
+    from fvl.models.vision.builtin import is_built, is_builtin
+
     tower = VISION_TOWERS.get(cfg.vision.name)
     try:
+        if not strict and is_builtin(cfg.vision.path) and not is_built(cfg.vision.path):
+            raise FileNotFoundError("not built yet: validating a config must not build a tower for minutes")
         per_feature = tower.tokens_for(cfg.vision)
     except (OSError, ValueError, TypeError):
         if strict:

@@ -114,7 +114,9 @@ def build_datamodule(cfg: ExperimentConfig, module: FVLModule) -> FVLDataModule:
                 "as it trains; a cache holds a frozen tower's features (use it in finetune or align)"
             )
         identity = identity_of(model, cfg.stage.resize_mode)
-    return data_module_of(cfg, processor=module.model.processor, feature_identity=identity)
+    return data_module_of(
+        cfg, processor=module.model.processor, feature_identity=identity, fusion=module.model.fusion
+    )
 
 
 _ONE_FILE = {"save_top_k": 1, "enable_version_counter": False}  # one file per name, overwritten

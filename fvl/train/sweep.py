@@ -6,14 +6,21 @@ stages: [../pretrain.yaml, ../finetune.yaml]   # run in order per grid point; a 
                                     # the previous stage's checkpoint of the same point
 overrides: [trainer.max_steps=300]    # applied to every run
 eval: {samples: 350}                # optional (EvalConfig keys): score each point's last stage
-feature_cache: true                 # a later stage that trains neither tower nor fusion reads a feature
-                                    # cache built from the previous stage's checkpoint (when it reads at least
-                                    # one pass over its samples; see fvl.features.cache_for_stage)
+feature_cache: true                 # a stage that trains neither the tower nor a learned fusion reads a
+                                    # feature cache of every tower feature side by side, built once and shared
+                                    # by every point with the same tower (each run fuses its own subset as it
+                                    # reads; see fvl.features.cache_for_stage)
+parallel: 2                         # grid points trained side by side, each in a process of its own
 grid:                               # the cartesian product of the axes
   fusion: [../fusion/dbfusion.yaml, ../fusion/avg_pool.yaml]   # YAML files: merged on top, labelled by stem
   seed: [0, 1]                      # values of the config key named by the axis
 ```
 Each run is tagged ``sweep`` and ``axis_<axis>`` (its label on that axis). A failed run is reported (and the later stages of its grid point skipped); the sweep goes on.
+
+With ``parallel: N`` the grid points are shared among N worker processes (each point's stages run in order
+in one of them); give each run its share of the cores in ``overrides`` (e.g. ``trainer.cpu_threads=1`` and
+``data.num_workers=0`` for two on two cores). The runs' MLflow store must take writers side by side (SQLite
+does, with retries; a file store too).
 
 Each launch of a sweep has an id of its own (``<sweep>-<UTC time>-<random hex>``), the tag ``sweep_id`` of
 every run of the launch, so that an analysis reads one launch and never mixes it with older ones. A rerun
@@ -26,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
+import os
 import secrets
 import traceback
 from dataclasses import dataclass, field
@@ -64,7 +72,8 @@ class Sweep:
     axes: dict[str, list[Any]]
     path: Path
     eval: EvalConfig | None = None  # score each grid point's last checkpoint (``fvl eval``'s options)
-    feature_cache: bool = True  # later stages with a frozen tower read a feature cache (built here)
+    feature_cache: bool = True  # stages with a frozen tower read a shared feature cache (built here)
+    parallel: int = 1  # grid points trained side by side, in worker processes
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -72,12 +81,10 @@ def load_sweep(path: str | Path) -> Sweep:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep must be a mapping")
-    unknown = set(raw) - {"sweep", "stages", "overrides", "grid", "eval", "feature_cache"}
+    known = {"sweep", "stages", "overrides", "grid", "eval", "feature_cache", "parallel"}
+    unknown = set(raw) - known
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown keys {sorted(unknown)} (expected sweep, stages, overrides, grid, eval, "
-            "feature_cache)"
-        )
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (expected {', '.join(sorted(known))})")
     if not raw.get("sweep") or not raw.get("stages"):
         raise ConfigError(f"{path}: 'sweep' (a name) and 'stages' (experiment YAMLs) are required")
     stages = [(path.parent / s).resolve() for s in raw["stages"]]
@@ -101,8 +108,11 @@ def load_sweep(path: str | Path) -> Sweep:
     cache = raw.get("feature_cache", True)
     if not isinstance(cache, bool):
         raise ConfigError(f"{path}: feature_cache must be true or false, not {cache!r}")
+    parallel = raw.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise ConfigError(f"{path}: parallel must be a whole number of processes >= 1, not {parallel!r}")
     overrides = list(raw.get("overrides") or [])
-    return Sweep(raw["sweep"], stages, overrides, axes, path, evaluation, cache)
+    return Sweep(raw["sweep"], stages, overrides, axes, path, evaluation, cache, parallel)
 
 
 def grid_points(sweep: Sweep) -> list[tuple[dict[str, str], list[Path], list[str]]]:
@@ -128,56 +138,157 @@ def new_sweep_id(name: str) -> str:
     return f"{name}-{stamp}-{secrets.token_hex(3)}"
 
 
-def run_sweep(path: str | Path, extra_overrides: list[str] | None = None, train_fn=None) -> list[SweepRun]:
+def run_sweep(
+    path: str | Path,
+    extra_overrides: list[str] | None = None,
+    train_fn=None,
+    parallel: int | None = None,
+) -> list[SweepRun]:
     """Run every grid point's stages; never stops at a failure. Returns one ``SweepRun`` per run, each with
-    the launch's ``sweep_id``."""
-    from fvl.train.run import train
-
-    train_fn = train_fn or train
+    the launch's ``sweep_id``, in grid order. ``parallel``: worker processes (default: the sweep's own)."""
     sweep = load_sweep(path)
     sweep_id = new_sweep_id(sweep.name)
-    log.info("sweep %s: launch %s (MLflow tag %s)", sweep.name, sweep_id, SWEEP_ID_TAG)
+    workers = parallel or sweep.parallel
+    points = grid_points(sweep)
+    log.info(
+        "sweep %s: launch %s (MLflow tag %s), %d points, %d side by side",
+        sweep.name, sweep_id, SWEEP_ID_TAG, len(points), min(workers, len(points)),
+    )  # fmt: skip
+    if workers <= 1 or len(points) <= 1 or train_fn is not None:
+        return [
+            r for i in range(len(points)) for r in run_point(sweep, i, sweep_id, extra_overrides, train_fn)
+        ]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    prepare_store(sweep, extra_overrides)
+    if sweep.feature_cache:
+        prebuild_caches(sweep, extra_overrides)
+    # spawn, not fork: a worker must not inherit the parent's torch threads, open files or MLflow client
+    n = min(workers, len(points))
+    threads = max(1, (os.cpu_count() or 1) // n)  # what a worker's evaluation uses (training: cpu_threads)
+    context = mp.get_context("spawn")
+    with ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(run_point, sweep, i, sweep_id, extra_overrides) for i in range(len(points))]
+        return [r for f in futures for r in _point_result(f, sweep, points, futures.index(f), sweep_id)]
+
+
+def prepare_store(sweep: Sweep, extra_overrides: list[str] | None = None) -> None:
+    """Create the runs' MLflow store and experiment before the workers start: two processes creating a new
+    SQLite store at once race on its schema migration (measured: one of them fails)."""
+    from mlflow.tracking import MlflowClient
+
+    from fvl.tracking import experiment_id, tracking_uri
+
+    labels, layers, point_overrides = grid_points(sweep)[0]
+    cfg = load(sweep.stages[0], [*sweep.overrides, *point_overrides, *(extra_overrides or [])], layers=layers)
+    uri = tracking_uri(cfg.tracking)
+    experiment_id(MlflowClient(uri), cfg.tracking.experiment, uri)
+
+
+def prebuild_caches(sweep: Sweep, extra_overrides: list[str] | None = None) -> None:
+    """Build the shared feature caches before the workers start, with all the cores: each stage's, as its
+    first grid point would build it, while no earlier stage trains the tower (the tower is then the same in
+    every stage). Workers side by side would otherwise build each cache in one of them while the others wait
+    on its lock. A cache that turns out not to match a run is simply not used (the run builds its own)."""
+    labels, layers, point_overrides = grid_points(sweep)[0]
+    for stage_file in sweep.stages:
+        try:
+            cfg = load(
+                stage_file, [*sweep.overrides, *point_overrides, *(extra_overrides or [])], layers=layers
+            )
+            cfg.data.num_workers = max(1, cfg.data.num_workers)  # a core decodes while another runs the tower
+            with_feature_cache(cfg, None)
+        except Exception as e:  # noqa: BLE001 - only an optimisation: the runs build what they need
+            log.warning("sweep %s: no shared cache prebuilt for %s: %s: %s", sweep.name, stage_file.stem,
+                        type(e).__name__, e)  # fmt: skip
+            return
+        if "vision" in cfg.stage.trainable:
+            return  # later stages start from a tower this stage changes
+
+
+def _point_result(future, sweep: Sweep, points, index: int, sweep_id: str) -> list[SweepRun]:
+    """A worker's runs; a worker that died (killed, out of memory) fails its point's runs, not the sweep."""
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001 - reported per run
+        labels = points[index][0]
+        name = "-".join([sweep.name, *labels.values()])
+        log.error("sweep point %s: its worker failed: %s: %s", name, type(e).__name__, e)
+        return [
+            SweepRun(name, stage.stem, labels, "failed", error=f"worker: {type(e).__name__}: {e}",
+                     sweep_id=sweep_id)
+            for stage in sweep.stages
+        ]  # fmt: skip
+
+
+def run_point(
+    sweep: Sweep, index: int, sweep_id: str, extra_overrides: list[str] | None = None, train_fn=None
+) -> list[SweepRun]:
+    """Grid point ``index``'s stages in order (each from the previous one's checkpoint), then its
+    evaluation; a failed stage ends the point. Runs in the sweep's process or in a worker."""
+    from fvl.train.run import train
+
+    if train_fn is None:
+        _worker_logging()
+    train_fn = train_fn or train
+    labels, layers, point_overrides = grid_points(sweep)[index]
+    run_name = "-".join([sweep.name, *labels.values()])
     runs: list[SweepRun] = []
-    for labels, layers, point_overrides in grid_points(sweep):
-        run_name = "-".join([sweep.name, *labels.values()])
-        previous = None
-        for stage_file in sweep.stages:
-            overrides = [
-                *sweep.overrides, *point_overrides, *(extra_overrides or []),
-                f"name={run_name}", f"tracking.sweep={sweep.name}", f"tracking.tags.{SWEEP_ID_TAG}={sweep_id}",
-                *(f"tracking.tags.axis_{axis.replace('.', '_')}={label}" for axis, label in labels.items()),
-            ]  # fmt: skip
-            if previous is not None:
-                overrides.append(f"init_from={previous.checkpoint}")
-            run = SweepRun(run_name, stage_file.stem, labels, sweep_id=sweep_id)
-            runs.append(run)
-            try:
-                cfg = load(stage_file, overrides, layers=layers)
-                if previous is not None and sweep.feature_cache:
-                    cfg = with_feature_cache(cfg, previous.checkpoint)
-                run.stage = cfg.stage.name
-                done = finished_run(cfg)
-                if done is not None:  # a rerun of the sweep: this point's stage finished before
-                    run.result = previous = done
-                    run.status = "done before"
-                    tag_launch(cfg, done.mlflow_run_id, sweep_id)
-                    log.info(
-                        "sweep run %s (%s) finished before, in %s: skipped", run_name, run.stage, done.run_dir
-                    )
-                    continue
-                run.result = previous = train_fn(cfg)
-                run.status = "ok"
-            except Exception as e:  # reported, and the sweep goes on
-                run.status, run.error = "failed", f"{type(e).__name__}: {e}"
-                log.error("sweep run %s (%s) failed:\n%s", run_name, stage_file.stem, traceback.format_exc())
-                break  # later stages of this point have nothing to start from
-            if sweep.eval and sweep.eval.samples and stage_file == sweep.stages[-1]:
-                try:  # a failed evaluation leaves the trained run as it is: ok, with the error noted
-                    run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval)
-                except Exception as e:
-                    run.error = f"evaluation failed: {type(e).__name__}: {e}"
-                    log.error("sweep run %s: evaluation failed:\n%s", run_name, traceback.format_exc())
+    previous = None
+    for stage_file in sweep.stages:
+        overrides = [
+            *sweep.overrides, *point_overrides, *(extra_overrides or []),
+            f"name={run_name}", f"tracking.sweep={sweep.name}", f"tracking.tags.{SWEEP_ID_TAG}={sweep_id}",
+            *(f"tracking.tags.axis_{axis.replace('.', '_')}={label}" for axis, label in labels.items()),
+        ]  # fmt: skip
+        if previous is not None:
+            overrides.append(f"init_from={previous.checkpoint}")
+        run = SweepRun(run_name, stage_file.stem, labels, sweep_id=sweep_id)
+        runs.append(run)
+        try:
+            cfg = load(stage_file, overrides, layers=layers)
+            run.stage = cfg.stage.name
+            done = finished_run(cfg)
+            if done is not None:  # a rerun of the sweep: this point's stage finished before
+                run.result = previous = done
+                run.status = "done before"
+                tag_launch(cfg, done.mlflow_run_id, sweep_id)
+                log.info(
+                    "sweep run %s (%s) finished before, in %s: skipped", run_name, run.stage, done.run_dir
+                )
+                continue
+            if sweep.feature_cache:
+                cfg = with_feature_cache(cfg, previous.checkpoint if previous is not None else None)
+            run.result = previous = train_fn(cfg)
+            run.status = "ok"
+        except Exception as e:  # reported, and the sweep goes on
+            run.status, run.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("sweep run %s (%s) failed:\n%s", run_name, stage_file.stem, traceback.format_exc())
+            break  # later stages of this point have nothing to start from
+        if sweep.eval and sweep.eval.samples and stage_file == sweep.stages[-1]:
+            try:  # a failed evaluation leaves the trained run as it is: ok, with the error noted
+                run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval)
+            except Exception as e:
+                run.error = f"evaluation failed: {type(e).__name__}: {e}"
+                log.error("sweep run %s: evaluation failed:\n%s", run_name, traceback.format_exc())
     return runs
+
+
+def _worker_init(threads: int) -> None:
+    """A worker's share of the cores, for everything its runs do outside training (building a cache,
+    evaluating): the workers side by side must not each take all the cores."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _worker_logging()
+
+
+def _worker_logging() -> None:
+    """A spawned worker starts without the CLI's logging set-up: give fvl's messages a handler."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
 def tag_launch(cfg, run_id: str, sweep_id: str) -> None:
@@ -236,12 +347,14 @@ def finished_run(cfg) -> RunResult | None:
     return None
 
 
-def with_feature_cache(cfg, checkpoint: Path):
-    """``cfg`` reading a feature cache of ``checkpoint`` when its stage can (``fvl.features.cache_for_stage``;
-    caches live in ``<output_dir>/feature_cache/``)."""
+def with_feature_cache(cfg, checkpoint: Path | None):
+    """``cfg`` reading a feature cache of ``checkpoint`` (None: of the first stage's model, as ``cfg`` builds
+    it) when its stage can (``fvl.features.cache_for_stage``). The cache holds every feature of the tower
+    side by side, so all the sweep's runs with this tower share it; caches live in
+    ``<output_dir>/feature_cache/``."""
     from fvl.features import cache_for_stage
 
-    cache = cache_for_stage(cfg, checkpoint, Path(cfg.output_dir) / "feature_cache")
+    cache = cache_for_stage(cfg, checkpoint, Path(cfg.output_dir) / "feature_cache", shared=True)
     if cache is not None:
         cfg.data.feature_cache = str(cache)
         log.info("stage %s reads the feature cache %s", cfg.stage.name, cache)

@@ -17,12 +17,12 @@ from fvl.config import load
 from fvl.data.datamodule import build_datamodule
 from fvl.data.feature_cache import MANIFEST, FeatureCacheError, decode_entry, encode_entry, identity_of
 from fvl.features import build_features
-from fvl.models import build_model, load_checkpoint, save_checkpoint, set_trainable
+from fvl.models import build_model, load_checkpoint, set_trainable
 from fvl.models.vision.transform import ImageError
 from fvl.train.module import MODEL_INPUTS
 from fvl.train.run import train
 from fvl.train.sweep import run_sweep
-from tests.fixtures import EXPERIMENTS, synthetic_recipe
+from tests.fixtures import EXPERIMENTS, cache_setting
 
 FINETUNE = ["fusion", "projector", "llm"]
 
@@ -30,13 +30,7 @@ FINETUNE = ["fusion", "projector", "llm"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    synthetic_recipe(root / "recipe.yaml", captions=32, qa=48, per_shard=16)
-    base = [f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", "data.num_workers=0",
-            "data.batch_size=8", "data.val_samples=0"]  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(load("finetune", base).model)
-    checkpoint = save_checkpoint(model, root / "init.safetensors")
-    build_datamodule(load("finetune", base)).setup()  # builds the shards
+    base, _, checkpoint = cache_setting(root, captions=32, qa=48, per_shard=16)
     fp32 = build_features(
         checkpoint, root / "shards", root / "fp32", ["synthetic_qa"], dtype="float32", num_workers=0
     )
@@ -240,7 +234,8 @@ def test_cli_builds_a_cache_and_reports_errors_in_one_line(env, tmp_path, capsys
 @pytest.mark.slow
 def test_training_reads_the_cache_and_sweeps_build_it_on_their_own(env, tmp_path):
     """A real finetune run (2 loader workers) with the cache: it trains, logs samples/s, and the tower never
-    runs; then a sweep builds and uses a cache for its finetune stage by itself."""
+    runs; then a sweep builds and uses a cache for its finetune stage by itself (the tiny preset's random
+    tower trains in pretrain: no cache there, one for finetune, of all four features side by side)."""
     import lightning as L
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -266,10 +261,10 @@ def test_training_reads_the_cache_and_sweeps_build_it_on_their_own(env, tmp_path
     )
     runs = run_sweep(sweep, common)
     assert [r.status for r in runs] == ["ok", "ok"], [r.error for r in runs]
-    caches = list((tmp_path / "runs" / "feature_cache").iterdir())
+    caches = [p for p in (tmp_path / "runs" / "feature_cache").iterdir() if p.is_dir()]
     assert len(caches) == 1 and (caches[0] / MANIFEST).is_file()
     finetune = client.get_run(runs[1].result.mlflow_run_id)
     assert finetune.data.params["data.feature_cache"] == str(caches[0])
-    assert os.path.basename(json.loads((caches[0] / MANIFEST).read_text())["checkpoint"]).endswith(
-        ".safetensors"
-    )
+    built = json.loads((caches[0] / MANIFEST).read_text())
+    assert os.path.basename(built["checkpoint"]).endswith(".safetensors")
+    assert built["identity"]["features"] == ["davit", "caption", "ocr", "grounding"]

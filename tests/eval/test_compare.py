@@ -128,3 +128,53 @@ def test_the_newest_launch_goes_by_the_time_in_its_id():
     assert newest_launch({new: 100.0, tie: 300.0}) == tie  # the same second: the latest start
     with pytest.raises(ValueError, match="no sweep launch"):
         newest_launch({})
+
+
+def test_the_paper_s_findings_are_judged_by_their_intervals():
+    from fvl.eval.compare import PAPER_CLAIMS, Interval, paper_findings, verdict
+
+    chance = {"ocr": 0.1, "position": 0.5, "colour": 0.2}
+    rng = np.random.default_rng(0)
+
+    def run(ocr: float, position: float, colour: float) -> list[dict]:
+        draw = lambda p: [float(x) for x in rng.random(200) < p]  # noqa: E731
+        return records({"ocr": draw(ocr), "position": draw(position), "colour": draw(colour)})
+
+    seeds = (0, 1, 2)
+    sweep = {
+        "dbfusion": {s: run(0.6, 0.8, 0.9) for s in seeds},
+        "token_concat": {s: run(0.6, 0.8, 0.9) for s in seeds},  # the same skill: no difference
+        "avg_pool": {s: run(0.2, 0.55, 0.4) for s in seeds},  # clearly worse
+        "minus_ocr": {s: run(0.1, 0.8, 0.9) for s in seeds},  # loses OCR only
+        # no minus_grounding runs
+    }
+    found = {f.claim.text: f for f in paper_findings(sweep, chance, n_boot=500)}
+    assert [f.claim for f in found.values()] == list(PAPER_CLAIMS)
+    same = found["DBFusion is at least as good as token concat"]
+    assert same.verdict == "reproduced" and same.interval.contains(0.0) and same.seeds == 3
+    assert "no loss resolved" in same.sentence and "[" in same.sentence
+    assert found["DBFusion is above average pooling"].verdict == "reproduced"
+    assert found["token concat is above average pooling"].interval.low > 0
+    ocr = found["removing the OCR feature hurts OCR"]
+    assert ocr.verdict == "reproduced" and ocr.interval.high < 0 and "ocr" in ocr.sentence
+    missing = found["removing the grounding feature hurts position"]
+    assert (
+        missing.verdict == "not measured" and missing.interval is None and "not measured" in missing.sentence
+    )
+    # the verdict of each kind of claim at each side of 0
+    assert verdict(Interval(0.1, 0.05, 0.2), "higher") == "reproduced"
+    assert verdict(Interval(0.0, -0.1, 0.1), "higher") == "not resolved"
+    assert verdict(Interval(-0.2, -0.3, -0.1), "higher") == "contradicted"
+    assert verdict(Interval(0.2, 0.1, 0.3), "lower") == "contradicted"
+    assert verdict(Interval(-0.2, -0.3, -0.1), "not_lower") == "contradicted"
+    with pytest.raises(ValueError, match="expect"):
+        verdict(Interval(0, 0, 0), "bigger")
+
+
+def test_score_intervals_cover_the_mean_over_seeds():
+    from fvl.eval.compare import score_intervals
+
+    per_seed = {0: records({"a": [1, 1, 0, 0]}), 1: records({"a": [1, 1, 1, 1]})}
+    ci = score_intervals(per_seed, n_boot=500)["a"]
+    assert ci.estimate == pytest.approx(0.75) and ci.low < 0.75 < ci.high and ci.low >= 0 and ci.high <= 1
+    assert score_intervals({}) == {}

@@ -1,11 +1,16 @@
-"""Both notebooks execute top to bottom against runs created here (a small real sweep with scores, after an
-older smoke launch of the same sweep name)."""
+"""Both notebooks execute top to bottom against runs created here: the shipped desk-scale fusion sweep on a
+reduced grid (its own stages, two grid points side by side, one shared feature cache per stage, scores),
+after an older smoke launch of the same sweep name."""
 
 import re
 
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
+from fvl.config import load
 from fvl.eval.notebooks import execute
+from fvl.models import build_model
 from fvl.resources import shipped_dir
 from fvl.train.sweep import run_sweep
 from tests.fixtures import EXPERIMENTS, synthetic_recipe
@@ -18,12 +23,17 @@ def sweep_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("nb")
     synthetic_recipe(root / "recipe.yaml", captions=64, qa=64, per_shard=32)
     exp = EXPERIMENTS
+    torch.manual_seed(0)  # a tiny tower saved as a folder stands in for stage 0's (model.vision.path)
+    build_model(load("pretrain").model).vision.save_pretrained(root / "tower")
+    desk = exp / "sweeps" / "desk"
     sweep = root / "sweep.yaml"
+    variants = ", ".join(str(exp / "fusion" / f"{v}.yaml") for v in ("dbfusion", "avg_pool", "minus_ocr"))
     sweep.write_text(
-        f"sweep: nbtest\nstages: [{exp / 'pretrain.yaml'}, {exp / 'finetune.yaml'}]\n"
-        "overrides: [trainer.max_steps=2, data.val_samples=0, data.batch_size=8, train.global_batch_size=8, trainer.progress=false]\n"
+        f"sweep: nbtest\nstages: [{desk / 'pretrain.yaml'}, {desk / 'finetune.yaml'}]\nparallel: 2\n"
+        f"overrides: [model.vision.path={root / 'tower'}, trainer.max_steps=2, data.batch_size=8, "
+        "train.global_batch_size=8, trainer.progress=false, trainer.cpu_threads=1, data.num_workers=0]\n"
         "eval: {samples: 14}\n"
-        f"grid:\n  fusion: [{exp / 'fusion' / 'dbfusion.yaml'}, {exp / 'fusion' / 'avg_pool.yaml'}]\n  seed: [0, 1]\n"
+        f"grid:\n  fusion: [{variants}]\n  seed: [0, 1]\n"
     )
     # an older launch under the same sweep name (a smoke run with other overrides): the notebook leaves it out
     smoke = root / "smoke.yaml"
@@ -37,9 +47,17 @@ def sweep_store(tmp_path_factory):
               f"output_dir={root / 'runs'}", f"tracking.uri={uri}", "data.num_workers=0"]  # fmt: skip
     older = run_sweep(smoke, common)
     runs = run_sweep(sweep, common)
-    assert [r.status for r in older] == ["ok"] and [r.status for r in runs] == ["ok"] * 8
+    assert [r.status for r in older] == ["ok"] and [r.status for r in runs] == ["ok"] * 12, [
+        r.error for r in runs
+    ]
     assert all(r.scores for r in runs if r.stage == "finetune")
-    assert older[0].sweep_id != runs[0].sweep_id
+    assert older[0].sweep_id != runs[0].sweep_id and len({r.sweep_id for r in runs}) == 1
+    # one feature cache per stage (captions squared, questions padded) served all 12 runs
+    caches = sorted(p for p in (root / "runs" / "feature_cache").iterdir() if p.is_dir())
+    assert len(caches) == 2
+    client = MlflowClient(uri)
+    params = {client.get_run(r.result.mlflow_run_id).data.params["data.feature_cache"] for r in runs}
+    assert params == {str(c) for c in caches}, params
     return {"root": root, "uri": uri, "runs": runs, "older": older}
 
 
@@ -62,14 +80,20 @@ def test_compare_fusion_notebook_runs_on_a_sweep(sweep_store, tmp_path):
     launch = sweep_store["runs"][0].sweep_id
     # the newest launch only: the smoke launch's run (avg_pool, seed 5, pretrain) is left out
     assert (
-        f"8 runs of sweep 'nbtest', launch {launch}:" in shown
+        f"12 runs of sweep 'nbtest', launch {launch}:" in shown
         and sweep_store["older"][0].sweep_id not in text
     )
     assert "left out: 1 runs of other launches" in shown
     assert re.search(r"avg_pool\s+2\s+2\n", shown) and re.search(r"dbfusion\s+2\s+2\n", shown)  # n per stage
-    assert "finetune: runs scored per variant: {'avg_pool': 2, 'dbfusion': 2}" in shown
+    assert "finetune: runs scored per variant: {'avg_pool': 2, 'dbfusion': 2, 'minus_ocr': 2}" in shown
     assert "difference from dbfusion, per seed:" in shown and "95 % bootstrap interval" in shown
     assert "image/png" in text and "normalised_mean_over_skills" in text and "vs_dbfusion" in text
+    assert re.search(r"\s+dbfusion\s+2\s+\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", shown)  # scores, intervals
+    # the paper's findings, in sentences computed from these runs
+    assert re.search(r"- DBFusion is above average pooling: (reproduced|not resolved|contradicted) at this scale"
+                     r".*95 % interval \[[-+]\d\.\d+, [-+]\d\.\d+\] over 2 seeds", shown)  # fmt: skip
+    assert "- removing the OCR feature hurts OCR: " in shown and "minus_ocr - dbfusion on ocr" in shown
+    assert "- DBFusion is at least as good as token concat: not measured" in shown
 
 
 @pytest.mark.slow

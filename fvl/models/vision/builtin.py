@@ -9,6 +9,7 @@ processes (DDP ranks, parallel sweep runs) wait for one build under a file lock.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import shutil
@@ -37,13 +38,24 @@ def builtin_folder(name: str) -> Path:
     """Where ``builtin:NAME`` lives in the cache (whether built yet or not)."""
     from fvl.models.tiny_assets import cache_root
 
+    return cache_root() / f"{name}-{_digest(name)}"
+
+
+@functools.cache
+def _digest(name: str) -> str:
+    """What decides ``builtin:NAME``'s weights, hashed. Remembered per process: it comes from the shipped code
+    and configs, and computing it loads a preset (which every config load naming the tower would redo)."""
     key, _ = BUILTINS.build(name)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root() / f"{name}-{digest}"
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def is_builtin(path: str | None) -> bool:
     return bool(path) and str(path).startswith(PREFIX)
+
+
+def is_built(path: str | None) -> bool:
+    """Whether a ``builtin:NAME`` path's folder exists already (building it takes minutes)."""
+    return is_builtin(path) and (builtin_folder(str(path)[len(PREFIX) :]) / "config.json").exists()
 
 
 def resolve(path: str | None) -> str | None:

@@ -17,6 +17,7 @@ Florence-VL checkpoint needs it to give the features it was trained on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -138,6 +139,13 @@ def _tokens(vision_config: Florence2VisionConfig, cfg: VisionConfig) -> int:
     return davit_tokens(vision_config, cfg.image_size) + int(cfg.keep_pooled_token)
 
 
+@functools.lru_cache(maxsize=16)
+def _folder_vision_config(path: str, mtime_ns: int) -> Florence2VisionConfig:
+    """A folder's DaViT config, read once per version of its config.json (every config load asks for it,
+    e.g. 48 times when a sweep checks its grid)."""
+    return Florence2Config.from_pretrained(path).vision_config
+
+
 class Florence2Tower(VisionTower):
     """DaViT + Florence-2's image projection + the multimodal encoder, returning named features."""
 
@@ -145,7 +153,8 @@ class Florence2Tower(VisionTower):
     def tokens_for(cls, cfg: VisionConfig) -> int:
         if cfg.init == "pretrained":
             path = require_local_dir(cfg.path, "model.vision.path", "Florence-2 (transformers-native format)")
-            vision_config = Florence2Config.from_pretrained(path).vision_config
+            config = Path(path) / "config.json"
+            vision_config = _folder_vision_config(path, config.stat().st_mtime_ns if config.exists() else 0)
         else:
             vision_config = Florence2VisionConfig(**plain_dict(cfg.arch).get("vision_config", {}))
         return _tokens(vision_config, cfg)
