@@ -209,6 +209,11 @@ class Finding:
         }[self.verdict]
         if c.expect == "not_lower" and self.verdict == "reproduced" and i.low <= 0:
             meaning = "reproduced at this scale (no loss resolved; the interval holds 0)"
+        if i.low == i.high == 0:  # not a small effect: no effect can show
+            meaning = (
+                f"not resolved at this scale: both variants give the same answer to every {what} question in "
+                "every seed (the skill is not learned at this budget)"
+            )
         return f"{c.text}: {meaning} ({diff})."
 
 

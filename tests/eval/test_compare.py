@@ -161,6 +161,11 @@ def test_the_paper_s_findings_are_judged_by_their_intervals():
     assert (
         missing.verdict == "not measured" and missing.interval is None and "not measured" in missing.sentence
     )
+    # a skill nobody learned: the same answers everywhere, an interval of exactly 0, said as such
+    constant = {v: {s: records({"ocr": [0.0] * 50, "colour": [1.0] * 50}) for s in seeds}
+                for v in ("dbfusion", "minus_ocr")}  # fmt: skip
+    ocr = next(f for f in paper_findings(constant, chance, n_boot=200) if f.claim.skill == "ocr")
+    assert ocr.verdict == "not resolved" and "same answer to every ocr question" in ocr.sentence
     # the verdict of each kind of claim at each side of 0
     assert verdict(Interval(0.1, 0.05, 0.2), "higher") == "reproduced"
     assert verdict(Interval(0.0, -0.1, 0.1), "higher") == "not resolved"
