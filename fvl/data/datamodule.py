@@ -208,8 +208,7 @@ class FVLDataModule(L.LightningDataModule):
             )
         log.info(
             "data.feature_cache=%s: image features read from the cache (the tower is skipped)%s", cache,
-            f"; features {expected_names(self.feature_identity)} of {built['identity'].get('features')} fused "
-            "as read" if select else "",
+            f"; the run's features fused as read from {built['identity'].get('features')}" if select else "",
         )  # fmt: skip
 
     def plan(self) -> EpochBatches:
@@ -282,10 +281,6 @@ class FVLDataModule(L.LightningDataModule):
             batch_size=None,
             collate_fn=as_is,
         )
-
-
-def expected_names(identity: dict[str, Any] | None) -> list[str]:
-    return list((identity or {}).get("features") or [])
 
 
 def build_datamodule(

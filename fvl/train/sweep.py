@@ -170,7 +170,7 @@ def run_sweep(
     context = mp.get_context("spawn")
     with ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
         futures = [pool.submit(run_point, sweep, i, sweep_id, extra_overrides) for i in range(len(points))]
-        return [r for f in futures for r in _point_result(f, sweep, points, futures.index(f), sweep_id)]
+        return [r for i, f in enumerate(futures) for r in _point_result(f, sweep, points, i, sweep_id)]
 
 
 def prepare_store(sweep: Sweep, extra_overrides: list[str] | None = None) -> None:
@@ -180,8 +180,7 @@ def prepare_store(sweep: Sweep, extra_overrides: list[str] | None = None) -> Non
 
     from fvl.tracking import experiment_id, tracking_uri
 
-    labels, layers, point_overrides = grid_points(sweep)[0]
-    cfg = load(sweep.stages[0], [*sweep.overrides, *point_overrides, *(extra_overrides or [])], layers=layers)
+    cfg = first_point_config(sweep, sweep.stages[0], extra_overrides)
     uri = tracking_uri(cfg.tracking)
     experiment_id(MlflowClient(uri), cfg.tracking.experiment, uri)
 
@@ -191,12 +190,9 @@ def prebuild_caches(sweep: Sweep, extra_overrides: list[str] | None = None) -> N
     first grid point would build it, while no earlier stage trains the tower (the tower is then the same in
     every stage). Workers side by side would otherwise build each cache in one of them while the others wait
     on its lock. A cache that turns out not to match a run is simply not used (the run builds its own)."""
-    labels, layers, point_overrides = grid_points(sweep)[0]
     for stage_file in sweep.stages:
         try:
-            cfg = load(
-                stage_file, [*sweep.overrides, *point_overrides, *(extra_overrides or [])], layers=layers
-            )
+            cfg = first_point_config(sweep, stage_file, extra_overrides)
             cfg.data.num_workers = max(1, cfg.data.num_workers)  # a core decodes while another runs the tower
             with_feature_cache(cfg, None)
         except Exception as e:  # noqa: BLE001 - only an optimisation: the runs build what they need
@@ -207,13 +203,25 @@ def prebuild_caches(sweep: Sweep, extra_overrides: list[str] | None = None) -> N
             return  # later stages start from a tower this stage changes
 
 
+def first_point_config(sweep: Sweep, stage_file: Path, extra_overrides: list[str] | None = None):
+    """The config of the first grid point's stage ``stage_file``, as far as the launch's set-up needs it (its
+    store and tower; the run's own name and tags are added when the point runs)."""
+    _labels, layers, point_overrides = grid_points(sweep)[0]
+    return load(stage_file, [*sweep.overrides, *point_overrides, *(extra_overrides or [])], layers=layers)
+
+
+def run_name(sweep: Sweep, labels: dict[str, str]) -> str:
+    """A grid point's run name: the sweep's name and its labels (``fusion-dbfusion-0``)."""
+    return "-".join([sweep.name, *labels.values()])
+
+
 def _point_result(future, sweep: Sweep, points, index: int, sweep_id: str) -> list[SweepRun]:
     """A worker's runs; a worker that died (killed, out of memory) fails its point's runs, not the sweep."""
     try:
         return future.result()
     except Exception as e:  # noqa: BLE001 - reported per run
         labels = points[index][0]
-        name = "-".join([sweep.name, *labels.values()])
+        name = run_name(sweep, labels)
         log.error("sweep point %s: its worker failed: %s: %s", name, type(e).__name__, e)
         return [
             SweepRun(name, stage.stem, labels, "failed", error=f"worker: {type(e).__name__}: {e}",
@@ -229,22 +237,20 @@ def run_point(
     evaluation; a failed stage ends the point. Runs in the sweep's process or in a worker."""
     from fvl.train.run import train
 
-    if train_fn is None:
-        _worker_logging()
     train_fn = train_fn or train
     labels, layers, point_overrides = grid_points(sweep)[index]
-    run_name = "-".join([sweep.name, *labels.values()])
+    name = run_name(sweep, labels)
     runs: list[SweepRun] = []
     previous = None
     for stage_file in sweep.stages:
         overrides = [
             *sweep.overrides, *point_overrides, *(extra_overrides or []),
-            f"name={run_name}", f"tracking.sweep={sweep.name}", f"tracking.tags.{SWEEP_ID_TAG}={sweep_id}",
+            f"name={name}", f"tracking.sweep={sweep.name}", f"tracking.tags.{SWEEP_ID_TAG}={sweep_id}",
             *(f"tracking.tags.axis_{axis.replace('.', '_')}={label}" for axis, label in labels.items()),
         ]  # fmt: skip
         if previous is not None:
             overrides.append(f"init_from={previous.checkpoint}")
-        run = SweepRun(run_name, stage_file.stem, labels, sweep_id=sweep_id)
+        run = SweepRun(name, stage_file.stem, labels, sweep_id=sweep_id)
         runs.append(run)
         try:
             cfg = load(stage_file, overrides, layers=layers)
@@ -254,9 +260,7 @@ def run_point(
                 run.result = previous = done
                 run.status = "done before"
                 tag_launch(cfg, done.mlflow_run_id, sweep_id)
-                log.info(
-                    "sweep run %s (%s) finished before, in %s: skipped", run_name, run.stage, done.run_dir
-                )
+                log.info("sweep run %s (%s) finished before, in %s: skipped", name, run.stage, done.run_dir)
                 continue
             if sweep.feature_cache:
                 cfg = with_feature_cache(cfg, previous.checkpoint if previous is not None else None)
@@ -264,14 +268,14 @@ def run_point(
             run.status = "ok"
         except Exception as e:  # reported, and the sweep goes on
             run.status, run.error = "failed", f"{type(e).__name__}: {e}"
-            log.error("sweep run %s (%s) failed:\n%s", run_name, stage_file.stem, traceback.format_exc())
+            log.error("sweep run %s (%s) failed:\n%s", name, stage_file.stem, traceback.format_exc())
             break  # later stages of this point have nothing to start from
         if sweep.eval and sweep.eval.samples and stage_file == sweep.stages[-1]:
             try:  # a failed evaluation leaves the trained run as it is: ok, with the error noted
                 run.scores = evaluate_run(previous.checkpoint, cfg, sweep.eval)
             except Exception as e:
                 run.error = f"evaluation failed: {type(e).__name__}: {e}"
-                log.error("sweep run %s: evaluation failed:\n%s", run_name, traceback.format_exc())
+                log.error("sweep run %s: evaluation failed:\n%s", name, traceback.format_exc())
     return runs
 
 
