@@ -45,6 +45,31 @@ def test_synthetic_answers_match_the_pictures():
         generate(0, "dev")
 
 
+def test_position_asks_for_the_side_of_the_larger_shape():
+    """The answer is read from the picture alone: one shape in each half, the named side holds the larger;
+    the question names no object (binding a name to image tokens is what the tiny preset never learned)."""
+    answers = collections.Counter()
+    for i in range(200):
+        s = generate(i, kinds=("position",))
+        (_, left), (_, right) = s.regions
+        assert left[2] <= 32 <= right[0]  # one shape in each half of the 64 px picture
+        larger = "left" if left[2] - left[0] > right[2] - right[0] else "right"
+        assert s.answer == larger and s.question == "Is the larger shape on the left or the right?"
+        assert f"large {s.regions[0 if larger == 'left' else 1][0]}" in s.caption
+        answers[s.answer] += 1
+    assert 0.4 < answers["left"] / 200 < 0.6
+
+
+def test_ocr_words_sit_near_the_centre():
+    """Moved by at most 1/16 of the side from the centre, whole inside the picture, the answer drawn."""
+    for i in range(100):
+        s = generate(i, kinds=("ocr",))
+        ((_, (x0, y0, x1, y1)),) = s.regions
+        assert min(x0, y0) >= 0 and max(x1, y1) <= 64
+        assert abs((x0 + x1) / 2 - 32) <= 6 and abs((y0 + y1) / 2 - 32) <= 6
+        assert s.answer == s.text and f'"{s.text}"' in s.caption
+
+
 def test_held_out_splits_never_hold_a_training_item():
     """Chart images have only 9^3 values: drawn independently, 73 of 90 test charts were training items.
     The content partition keeps every val and test image out of training, however many are drawn."""

@@ -17,7 +17,7 @@ def sample(model, question, answer, images):
 
 def test_encode_images_shape(tiny_model):
     out = tiny_model.encode_images(torch.randn(3, 3, 64, 64))
-    assert out.shape == (3, tiny_model.num_image_tokens, tiny_model.hidden_size) == (3, 16, 64)
+    assert out.shape == (3, tiny_model.num_image_tokens, tiny_model.hidden_size) == (3, 16, 128)
 
 
 def test_features_api(tiny_model):
