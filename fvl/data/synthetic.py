@@ -282,8 +282,10 @@ def _draw(kind: str, rng: random.Random, size: int) -> _Drawing:
         for i, (side, shape, colour) in enumerate(
             zip(sides, rng.sample(SHAPES, 2), rng.sample(list(COLOURS), 2), strict=True)
         ):
-            x = rng.randint(2, half - side - 1) if i == 0 else rng.randint(half + 1, size - side - 2)
-            y = rng.randint(2, size - side - 2)
+            # (max() keeps the ranges non-empty at 32 px and leaves the draws at 64 px unchanged)
+            left_x, right_x = (2, max(2, half - side - 1)), (half + 1, max(half + 1, size - side - 2))
+            x = rng.randint(*left_x) if i == 0 else rng.randint(*right_x)
+            y = rng.randint(2, max(2, size - side - 2))
             box = (x, y, x + side, y + side)
             _draw_shape(draw, shape, box, colour)
             regions.append((f"{colour} {shape}", box))

@@ -27,13 +27,13 @@ def test_tiny_tokenizers_are_deterministic(tmp_path, monkeypatch):
 
 
 def test_tiny_training_step_is_fast_enough_to_learn_on_a_cpu():
-    """Sanity, not a benchmark: the tiny preset is the 400k-parameter set-up of the measured facts."""
+    """Sanity, not a benchmark: the tiny preset stays small (1.3M parameters with its 4 x 128 LLM)."""
     from fvl.models import set_trainable
 
     model = build_model(tiny_cfg())
     counts = set_trainable(model, stage_trainable("pretrain"))
     total = sum(c["trainable"] for c in counts.values())
-    assert 300_000 < total < 1_000_000
+    assert 1_000_000 < total < 1_600_000
     assert model.num_image_tokens == 16
 
 
