@@ -125,3 +125,20 @@ def test_image_tokens_must_leave_room_for_text():
 def test_a_tower_path_with_random_init_is_refused_not_ignored():
     with pytest.raises(ValueError, match="model.vision.init=pretrained"):
         OmegaConf.to_object(load("tiny", ["model.vision.path=/some/florence2"]))
+
+
+def test_a_sweeps_notebook_is_a_shipped_name_or_a_path_and_a_wrong_one_is_refused(tmp_path: Path):
+    from fvl.resources import shipped_dir
+    from fvl.train.sweep import load_sweep
+
+    stage = EXPERIMENTS / "pretrain.yaml"
+    (tmp_path / "mine.ipynb").write_text("{}")
+    for value, expected in [("compare_fusion", shipped_dir("notebooks") / "compare_fusion.ipynb"),
+                            ("mine.ipynb", tmp_path / "mine.ipynb")]:  # fmt: skip
+        (tmp_path / "s.yaml").write_text(f"sweep: s\nstages: [{stage}]\nnotebook: {value}\n")
+        assert load_sweep(tmp_path / "s.yaml").notebook.resolve() == expected.resolve()
+    (tmp_path / "s.yaml").write_text(f"sweep: s\nstages: [{stage}]\nnotebook: compare_fuson\n")
+    with pytest.raises(ConfigError, match="notebook 'compare_fuson' not found.*compare_fusion"):
+        load_sweep(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text(f"sweep: s\nstages: [{stage}]\n")
+    assert load_sweep(tmp_path / "s.yaml").notebook is None

@@ -93,6 +93,9 @@ def train(cfg: Florence2TinyConfig, progress: bool = True):
     data = TaskBatches(tok, transform, cfg.samples, "train", cfg.image_size)
     n_img = _image_tokens(model, data)
     model.model.vision_tower.requires_grad_(cfg.davit_lr > 0)  # frozen DaViT: no backward through it
+    # A frozen DaViT gives each picture the same states at every step: run it once per picture, not once
+    # per example (a third of a step at the defaults; measured 33 of 91 ms).
+    davit_states = frozen_davit_states(model, data) if cfg.davit_lr == 0 else None
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=0.01)
     rng = random.Random(cfg.seed)
     losses = []
@@ -102,7 +105,10 @@ def train(cfg: Florence2TinyConfig, progress: bool = True):
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * _lr_factor(step, cfg)
             picks = [(rng.randrange(cfg.samples), rng.choice(TASKS)) for _ in range(cfg.batch_size)]
-            loss = step_loss(model, data.batch(picks, model.config.image_token_id, n_img), cfg.decoder_reads)
+            batch = data.batch(picks, model.config.image_token_id, n_img)
+            if davit_states is not None:
+                batch["davit_states"] = davit_states[[i for i, _ in picks]]
+            loss = step_loss(model, batch, cfg.decoder_reads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -110,6 +116,16 @@ def train(cfg: Florence2TinyConfig, progress: bool = True):
             losses.append(loss.item())
             bar.advance(task)
     return model.eval(), tok, losses
+
+
+@torch.no_grad()
+def frozen_davit_states(model, data: TaskBatches, chunk: int = 256) -> torch.Tensor:
+    """DaViT's output for every picture (before Florence-2's trainable projector), computed once."""
+    tower = model.model.vision_tower
+    return torch.cat([
+        tower(data.transform.normalize(data.pixels[k : k + chunk])).last_hidden_state
+        for k in range(0, len(data.pixels), chunk)
+    ])  # fmt: skip
 
 
 def param_groups(model, cfg: Florence2TinyConfig) -> list[dict[str, Any]]:
@@ -124,10 +140,14 @@ def param_groups(model, cfg: Florence2TinyConfig) -> list[dict[str, Any]]:
 
 def encode(model, batch: dict[str, torch.Tensor]):
     """The encoder's outputs for a batch: Florence-2's own merge of image features into the placeholders,
-    then its multimodal encoder over image tokens and prompt (what ``Florence2Model.forward`` does)."""
+    then its multimodal encoder over image tokens and prompt (what ``Florence2Model.forward`` does). The
+    batch's ``davit_states``, when present, stand in for running DaViT on its pixels."""
     inner = model.model
     embeds = inner.get_input_embeddings()(batch["input_ids"])
-    image = inner.get_image_features(batch["pixel_values"]).pooler_output.to(embeds.dtype)
+    if "davit_states" in batch:  # DaViT frozen and run once per picture (``frozen_davit_states``)
+        image = inner.multi_modal_projector(batch["davit_states"]).to(embeds.dtype)
+    else:
+        image = inner.get_image_features(batch["pixel_values"]).pooler_output.to(embeds.dtype)
     mask = inner.get_placeholder_mask(batch["input_ids"], inputs_embeds=embeds, image_features=image)
     embeds = embeds.masked_scatter(mask, image)
     return inner.language_model.encoder(attention_mask=batch["attention_mask"], inputs_embeds=embeds)

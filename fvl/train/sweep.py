@@ -11,6 +11,8 @@ feature_cache: true                 # a stage that trains neither the tower nor 
                                     # by every point with the same tower (each run fuses its own subset as it
                                     # reads; see fvl.features.cache_for_stage)
 parallel: 2                         # grid points trained side by side, each in a process of its own
+notebook: compare_fusion            # optional: `fvl sweep` ends by executing this notebook (a shipped name
+                                    # or a path) on the launch, into outputs/notebooks/<launch id>/
 grid:                               # the cartesian product of the axes
   fusion: [../fusion/dbfusion.yaml, ../fusion/avg_pool.yaml]   # YAML files: merged on top, labelled by stem
   seed: [0, 1]                      # values of the config key named by the axis
@@ -74,6 +76,7 @@ class Sweep:
     eval: EvalConfig | None = None  # score each grid point's last checkpoint (``fvl eval``'s options)
     feature_cache: bool = True  # stages with a frozen tower read a shared feature cache (built here)
     parallel: int = 1  # grid points trained side by side, in worker processes
+    notebook: Path | None = None  # executed on the launch at the end of ``fvl sweep`` (``report``)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -81,7 +84,7 @@ def load_sweep(path: str | Path) -> Sweep:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep must be a mapping")
-    known = {"sweep", "stages", "overrides", "grid", "eval", "feature_cache", "parallel"}
+    known = {"sweep", "stages", "overrides", "grid", "eval", "feature_cache", "parallel", "notebook"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (expected {', '.join(sorted(known))})")
@@ -112,7 +115,23 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
         raise ConfigError(f"{path}: parallel must be a whole number of processes >= 1, not {parallel!r}")
     overrides = list(raw.get("overrides") or [])
-    return Sweep(raw["sweep"], stages, overrides, axes, path, evaluation, cache, parallel)
+    notebook = _notebook_path(path, raw["notebook"]) if raw.get("notebook") else None
+    return Sweep(raw["sweep"], stages, overrides, axes, path, evaluation, cache, parallel, notebook)
+
+
+def _notebook_path(sweep_path: Path, value: Any) -> Path:
+    """A sweep's ``notebook``: a path relative to the sweep file, or the name of a shipped notebook."""
+    from fvl import resources
+
+    value = str(value)
+    local = sweep_path.parent / value
+    if local.is_file():
+        return local.resolve()
+    found = resources.find("notebooks", value if value.endswith(".ipynb") else f"{value}.ipynb")
+    if found is None:
+        known = ", ".join(resources.names("notebooks", suffix=".ipynb"))
+        raise ConfigError(f"{sweep_path}: notebook {value!r} not found (shipped notebooks: {known})")
+    return found
 
 
 def grid_points(sweep: Sweep) -> list[tuple[dict[str, str], list[Path], list[str]]]:
@@ -213,6 +232,25 @@ def first_point_config(sweep: Sweep, stage_file: Path, extra_overrides: list[str
 def run_name(sweep: Sweep, labels: dict[str, str]) -> str:
     """A grid point's run name: the sweep's name and its labels (``fusion-dbfusion-0``)."""
     return "-".join([sweep.name, *labels.values()])
+
+
+def report(
+    sweep: Sweep,
+    sweep_id: str,
+    extra_overrides: list[str] | None = None,
+    out_root: str | Path = "outputs/notebooks",
+) -> Path:
+    """Execute the sweep's notebook on launch ``sweep_id`` (``FVL_SWEEP``, ``FVL_SWEEP_ID`` and the runs'
+    store as ``FVL_TRACKING_URI``); returns the executed copy, ``<out_root>/<sweep_id>/<notebook>``. A failing
+    cell raises (the runs stay as they are: ``fvl notebooks`` can redo the report)."""
+    from fvl.eval.notebooks import execute
+    from fvl.tracking import tracking_uri
+
+    if sweep.notebook is None:
+        raise ValueError(f"sweep {sweep.name} names no notebook")
+    uri = tracking_uri(first_point_config(sweep, sweep.stages[0], extra_overrides).tracking)
+    env = {"FVL_SWEEP": sweep.name, "FVL_SWEEP_ID": sweep_id, "FVL_TRACKING_URI": uri}
+    return execute(sweep.notebook, Path(out_root) / sweep_id, env=env)
 
 
 def _point_result(future, sweep: Sweep, points, index: int, sweep_id: str) -> list[SweepRun]:

@@ -12,7 +12,7 @@ from fvl.config import load
 from fvl.eval.notebooks import execute
 from fvl.models import build_model
 from fvl.resources import shipped_dir
-from fvl.train.sweep import run_sweep
+from fvl.train.sweep import load_sweep, report, run_sweep
 from tests.fixtures import EXPERIMENTS, synthetic_recipe
 
 NOTEBOOKS_DIR = shipped_dir("notebooks")
@@ -30,6 +30,7 @@ def sweep_store(tmp_path_factory):
     variants = ", ".join(str(exp / "fusion" / f"{v}.yaml") for v in ("dbfusion", "minus_ocr"))
     sweep.write_text(
         f"sweep: nbtest\nstages: [{desk / 'pretrain.yaml'}, {desk / 'finetune.yaml'}]\nparallel: 2\n"
+        "notebook: compare_fusion\n"
         f"overrides: [model.vision.path={root / 'tower'}, trainer.max_steps=2, data.batch_size=8, "
         "train.global_batch_size=8, trainer.progress=false, trainer.cpu_threads=1, data.num_workers=0]\n"
         "eval: {samples: 14}\n"
@@ -58,7 +59,7 @@ def sweep_store(tmp_path_factory):
     client = MlflowClient(uri)
     params = {client.get_run(r.result.mlflow_run_id).data.params["data.feature_cache"] for r in runs}
     assert params == {str(c) for c in caches}, params
-    return {"root": root, "uri": uri, "runs": runs, "older": older}
+    return {"root": root, "uri": uri, "runs": runs, "older": older, "sweep": sweep, "overrides": common}
 
 
 def printed(path) -> str:
@@ -71,13 +72,13 @@ def printed(path) -> str:
 
 @pytest.mark.slow
 def test_compare_fusion_notebook_runs_on_a_sweep(sweep_store, tmp_path):
-    out = execute(
-        NOTEBOOKS_DIR / "compare_fusion.ipynb",
-        tmp_path,
-        env={"FVL_TRACKING_URI": sweep_store["uri"], "FVL_SWEEP": "nbtest"},
-    )
-    text, shown = out.read_text(), printed(out)
+    # what `fvl sweep` does at the end of a sweep that names a notebook: the launch's report
     launch = sweep_store["runs"][0].sweep_id
+    spec = load_sweep(sweep_store["sweep"])
+    assert spec.notebook.resolve() == (NOTEBOOKS_DIR / "compare_fusion.ipynb").resolve()
+    out = report(spec, launch, sweep_store["overrides"], tmp_path)
+    assert out == tmp_path / launch / "compare_fusion.ipynb"
+    text, shown = out.read_text(), printed(out)
     # the newest launch only: the smoke launch's run (avg_pool, seed 5, pretrain) is left out
     assert (
         f"8 runs of sweep 'nbtest', launch {launch}:" in shown

@@ -98,7 +98,7 @@ def test_the_tiny_preset_reads_it_through_model_vision_path(quick_build):
 
 
 def test_encode_is_florence2s_own_and_the_decoder_reads_the_image_tokens_alone(quick_build):
-    from fvl.florence2_tiny.build import TaskBatches, decoder_mask, encode
+    from fvl.florence2_tiny.build import TaskBatches, decoder_mask, encode, frozen_davit_states
     from fvl.models.vision.base import IMAGENET_MEAN, IMAGENET_STD
     from fvl.models.vision.transform import ImageTransform
 
@@ -112,7 +112,11 @@ def test_encode_is_florence2s_own_and_the_decoder_reads_the_image_tokens_alone(q
     with torch.no_grad():
         ours = encode(model, batch).last_hidden_state
         theirs = model(**batch).encoder_last_hidden_state
+        # training with DaViT frozen runs it once per picture (frozen_davit_states): the same encoder states
+        cached = {**batch, "davit_states": frozen_davit_states(model, data)[[0, 1, 2, 3, 4, 5]]}
+        from_cache = encode(model, cached).last_hidden_state
     torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(from_cache, ours)
     image_only = decoder_mask(model, batch, "image")
     assert image_only[:, :17].all() and image_only[:, 17:].sum() == 0  # prompts hidden from the decoder
     assert torch.equal(decoder_mask(model, batch, "all"), batch["attention_mask"])
