@@ -194,6 +194,11 @@ class Finding:
     interval: Interval | None  # variant - baseline, 95 % (None: the sweep lacks a variant or the skill)
     seeds: int
     verdict: str  # reproduced | not resolved | contradicted | not measured
+    # for a claim on one skill: the baseline's own score on it, and the skill's chance level. An ablation
+    # can only hurt a skill the baseline has learned: when this interval is not above chance, there is
+    # nothing to remove, and a "not resolved" says nothing about the feature.
+    baseline_score: Interval | None = None
+    chance: float | None = None
 
     @property
     def sentence(self) -> str:
@@ -214,7 +219,16 @@ class Finding:
                 f"not resolved at this scale: both variants give the same answer to every {what} question in "
                 "every seed (the skill is not learned at this budget)"
             )
-        return f"{c.text}: {meaning} ({diff})."
+        unlearned = ""
+        if self.baseline_score is not None and self.chance is not None:
+            b = self.baseline_score
+            if b.low <= self.chance:
+                unlearned = (
+                    f"; {c.baseline} itself scores {b.estimate:.2f} [{b.low:.2f}, {b.high:.2f}] on {what}, "
+                    f"not above chance ({self.chance:.2f}): the skill is not learned at this budget, so the "
+                    "ablation has nothing to remove"
+                )
+        return f"{c.text}: {meaning} ({diff}){unlearned}."
 
 
 def verdict(interval: Interval, expect: str) -> str:
@@ -245,10 +259,18 @@ def paper_findings(
         diffs = seed_differences(mine, theirs) if mine and theirs else {}
         intervals = bootstrap_ci(diffs, chance, n_boot=n_boot) if diffs else {}
         interval = intervals.get(claim.skill)
+        baseline = (
+            score_intervals(theirs, n_boot).get(claim.skill) if theirs and claim.skill in chance else None
+        )
         out.append(
             Finding(
-                claim, interval, len(diffs), verdict(interval, claim.expect) if interval else "not measured"
-            )
+                claim,
+                interval,
+                len(diffs),
+                verdict(interval, claim.expect) if interval else "not measured",
+                baseline,
+                chance.get(claim.skill),
+            )  # fmt: skip
         )
     return out
 

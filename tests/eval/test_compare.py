@@ -157,6 +157,7 @@ def test_the_paper_s_findings_are_judged_by_their_intervals():
     assert found["token concat is above average pooling"].interval.low > 0
     ocr = found["removing the OCR feature hurts OCR"]
     assert ocr.verdict == "reproduced" and ocr.interval.high < 0 and "ocr" in ocr.sentence
+    assert ocr.baseline_score.contains(0.6) and "not learned" not in ocr.sentence  # dbfusion learned OCR
     missing = found["removing the grounding feature hurts position"]
     assert (
         missing.verdict == "not measured" and missing.interval is None and "not measured" in missing.sentence
@@ -166,6 +167,12 @@ def test_the_paper_s_findings_are_judged_by_their_intervals():
                 for v in ("dbfusion", "minus_ocr")}  # fmt: skip
     ocr = next(f for f in paper_findings(constant, chance, n_boot=200) if f.claim.skill == "ocr")
     assert ocr.verdict == "not resolved" and "same answer to every ocr question" in ocr.sentence
+    # a baseline at chance on the skill: the sentence says that the ablation had nothing to remove
+    at_chance = {v: {s: run(0.1, 0.8, 0.9) for s in seeds} for v in ("dbfusion", "minus_ocr")}
+    ocr = next(f for f in paper_findings(at_chance, chance, n_boot=300) if f.claim.skill == "ocr")
+    assert ocr.baseline_score.low <= 0.1 and ocr.chance == 0.1
+    assert "dbfusion itself scores 0.08 [0.06, 0.10] on ocr, not above chance (0.10)" in ocr.sentence
+    assert "nothing to remove" in ocr.sentence
     # the verdict of each kind of claim at each side of 0
     assert verdict(Interval(0.1, 0.05, 0.2), "higher") == "reproduced"
     assert verdict(Interval(0.0, -0.1, 0.1), "higher") == "not resolved"

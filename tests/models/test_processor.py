@@ -40,3 +40,27 @@ def test_real_size_processor_without_building_the_model(fusion, tokens):
     processor = build_processor(load("florence_vl_3b", overrides).model)
     assert processor.image_tokens == tokens and processor.transform.size == 768
     assert processor.transform.mode == "pad"
+
+
+def test_tokenised_conversations_are_remembered_without_sharing_their_lists(monkeypatch):
+    import fvl.models.processor as processor_module
+
+    proc = build_processor(load("tiny").model)
+    calls = []
+    real = type(proc.template).tokenize
+    monkeypatch.setattr(type(proc.template), "tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
+    feat = [torch.zeros(proc.image_tokens, 8)]
+    first = proc.with_images(conv, feat)
+    first.input_ids.append(-1)
+    first.labels[0] = 12345  # a caller changing its sample must not change the next one
+    again = proc.with_images([dict(t) for t in conv], feat)
+    assert len(calls) == 1  # the same text: tokenised once
+    fresh = real(proc.template, conv, proc.tokenizer, proc.image_tokens, proc.max_length, num_images=1)
+    assert again.input_ids == fresh.input_ids and again.labels == fresh.labels
+    other = proc.with_images([conv[0], {"from": "gpt", "value": "blue"}], feat)
+    assert len(calls) == 2 and other.labels != again.labels
+    # bounded: a full memory starts again
+    monkeypatch.setattr(processor_module, "TOKENIZED_KEPT", 2)
+    proc.with_images([conv[0], {"from": "gpt", "value": "green"}], feat)
+    assert len(proc._tokenized) == 1 and len(calls) == 3
