@@ -16,7 +16,7 @@ help:
 	@echo "make pretrain   stage 1 on the tiny preset (ARGS='key=value ...' overrides)"
 	@echo "make finetune   stage 2 from the latest pretrain checkpoint (CKPT=path to choose one)"
 	@echo "make florence2-tiny  stage 0: the tiny Florence-2 trained on its own tasks (builtin:florence2-tiny)"
-	@echo "make sweep      SWEEP=experiments/sweeps/fusion.yaml: a grid of runs (default: the fusion comparison, ~15 min)"
+	@echo "make sweep      SWEEP=experiments/sweeps/fusion.yaml: a grid of runs (default: the fusion comparison, 14 min cold, ending in its notebook)"
 	@echo "make shards     RECIPE=synthetic: build WebDataset shards of a data recipe"
 	@echo "make bench      benchmarks (BENCHMARKS.md)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000"

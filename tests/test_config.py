@@ -142,3 +142,17 @@ def test_a_sweeps_notebook_is_a_shipped_name_or_a_path_and_a_wrong_one_is_refuse
         load_sweep(tmp_path / "s.yaml")
     (tmp_path / "s.yaml").write_text(f"sweep: s\nstages: [{stage}]\n")
     assert load_sweep(tmp_path / "s.yaml").notebook is None
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_the_desk_sweeps_data_cut_holds_what_each_of_its_runs_reads(stage: str):
+    """`synthetic_desk` is cut to what one desk run reads, so the cut must hold at least that: a shorter cut
+    would make the runs read samples twice, which the full recipe never did."""
+    from fvl.data.recipes import load_recipe
+
+    cfg = load(EXPERIMENTS / "sweeps" / "desk" / f"{stage}.yaml")
+    recipe = load_recipe(cfg.data.recipe)
+    assert recipe.path.endswith("synthetic_desk.yaml") and cfg.data.shards.endswith("synthetic_desk")
+    held = sum(recipe.source(name).num_samples for name in cfg.data.sources)
+    reads = cfg.trainer.max_steps * cfg.train.global_batch_size
+    assert reads <= held < 1.1 * reads + 1000, (stage, reads, held)
