@@ -3,8 +3,6 @@ transformers' native model, the saved folder loaded through ``model.vision.path`
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -142,17 +140,16 @@ def test_builtin_paths_build_once_into_the_cache(tmp_path, monkeypatch, quick_bu
     assert tower.num_tokens == 16 and len(built) == 1
 
 
-def test_cli_builds_into_a_folder_and_refuses_custom_settings_without_one(tmp_path):
+def test_cli_builds_into_a_folder_and_refuses_custom_settings_without_one(tmp_path, capsys):
+    from fvl.cli import main
+
     out = tmp_path / "f2"
-    cmd = [sys.executable, "-m", "fvl.cli", "florence2-tiny", "--steps", "4", "--batch-size", "8",
-           "--samples", "40", "--eval-samples", "7", "--quiet"]  # fmt: skip
-    res = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert (out / "config.json").exists() and "box_mean_iou" in res.stdout
-    again = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "holds a build already" in again.stdout
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert refused.returncode != 0 and "need --out" in refused.stderr
+    cmd = ["florence2-tiny", "--steps", "4", "--batch-size", "8", "--samples", "40", "--eval-samples", "7",
+           "--quiet"]  # fmt: skip
+    assert main([*cmd, "--out", str(out)]) == 0
+    assert (out / "config.json").exists() and "box_mean_iou" in capsys.readouterr().out
+    assert main([*cmd, "--out", str(out)]) == 0 and "holds a build already" in capsys.readouterr().out
+    assert main(cmd) != 0 and "need --out" in capsys.readouterr().err
 
 
 def test_davit_stays_at_its_initialisation_unless_given_a_learning_rate(quick_build):
