@@ -22,7 +22,7 @@ help:
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:5000"
 	@echo "make eval       score the latest checkpoint on the synthetic test split (CKPT=... to choose)"
 	@echo "make notebooks  execute the comparison notebooks into outputs/notebooks/"
-	@echo "make learning-check  the default runs must learn colour, shape, count, OCR and position (about 13 minutes)"
+	@echo "make learning-check  the default runs must learn colour, shape, count, OCR and position (about 11 minutes)"
 	@echo "make compile-check   model.vision.compile through inductor (minutes while its cache is cold)"
 	@echo "make reliability     the fuzz and kill -9 tests at larger counts (RELIABILITY.md; about 15 minutes)"
 	@echo "make lint       ruff"
@@ -73,7 +73,7 @@ reliability: $(STAMP)
 	FVL_FUZZ_BAD=10000 FVL_KILLS=15 $(PY) -m pytest -q tests/data/test_fuzz.py tests/train/test_kill.py \
 	  tests/train/test_checkpoint_commit.py tests/train/test_tracking_outage.py
 
-# Opt-in (about 13 minutes; 766 s measured from a fresh clone): the default pretrain + finetune must score
+# Opt-in (about 11 minutes; 652 s measured from a fresh clone): the default pretrain + finetune must score
 # colour, shape, count, OCR and position at >= 2x chance (0.75 where chance is 0.5); all five pass
 # (BENCHMARKS.md, "Generator 5").
 learning-check: $(STAMP)

@@ -2,7 +2,7 @@
 the colour, shape, count, OCR and position questions of the synthetic test split each score at least twice
 their chance level, or 0.75 where chance is 0.5 (twice would be 1.0).
 
-About 13 minutes on a 2-core machine (766 s measured from a fresh clone, 2026-11-27), so it is
+About 11 minutes on a 2-core machine (652 s measured from a fresh clone, 2026-11-27), so it is
 opt-in: `make learning-check` (or FVL_LEARNING_TEST=1). Measured results are recorded in BENCHMARKS.md."""
 
 import json
