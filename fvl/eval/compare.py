@@ -254,14 +254,17 @@ def paper_findings(
     records. The interval is ``bootstrap_ci``'s (seeds and questions resampled, paired by seed and
     question)."""
     out = []
+    baseline_scores: dict[str, dict[str, Interval]] = {}  # per baseline, shared by its claims
     for claim in claims:
         mine, theirs = records.get(claim.variant, {}), records.get(claim.baseline, {})
         diffs = seed_differences(mine, theirs) if mine and theirs else {}
         intervals = bootstrap_ci(diffs, chance, n_boot=n_boot) if diffs else {}
         interval = intervals.get(claim.skill)
-        baseline = (
-            score_intervals(theirs, n_boot).get(claim.skill) if theirs and claim.skill in chance else None
-        )
+        baseline = None
+        if theirs and claim.skill in chance:
+            if claim.baseline not in baseline_scores:
+                baseline_scores[claim.baseline] = score_intervals(theirs, n_boot)
+            baseline = baseline_scores[claim.baseline].get(claim.skill)
         out.append(
             Finding(
                 claim,

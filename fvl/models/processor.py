@@ -51,8 +51,9 @@ class Processor:
     min_text_tokens: int = 0
     # Tokenised conversations by their text: templated data (the synthetic recipe's questions and answers)
     # repeats them, and tokenising is most of a cached-feature sample's cost in the loader (280 us of
-    # about 300, measured on the desk sweep's finetune). Bounded; emptied when full.
-    _tokenized: dict = field(default_factory=dict, repr=False, compare=False)
+    # about 300, measured on the desk sweep's finetune). Bounded; emptied when full. Not an init field, so
+    # a processor made by ``dataclasses.replace`` (another max_length, say) starts with its own.
+    _tokenized: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def pad_token_id(self) -> int:

@@ -43,6 +43,8 @@ def test_real_size_processor_without_building_the_model(fusion, tokens):
 
 
 def test_tokenised_conversations_are_remembered_without_sharing_their_lists(monkeypatch):
+    import dataclasses
+
     import fvl.models.processor as processor_module
 
     proc = build_processor(load("tiny").model)
@@ -60,6 +62,8 @@ def test_tokenised_conversations_are_remembered_without_sharing_their_lists(monk
     assert again.input_ids == fresh.input_ids and again.labels == fresh.labels
     other = proc.with_images([conv[0], {"from": "gpt", "value": "blue"}], feat)
     assert len(calls) == 2 and other.labels != again.labels
+    # a processor made from this one with other settings does not inherit what this one remembered
+    assert dataclasses.replace(proc, max_length=8)._tokenized == {}
     # bounded: a full memory starts again
     monkeypatch.setattr(processor_module, "TOKENIZED_KEPT", 2)
     proc.with_images([conv[0], {"from": "gpt", "value": "green"}], feat)
