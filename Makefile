@@ -9,10 +9,12 @@ STAMP := $(VENV)/.fvl-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint pretrain finetune florence2-tiny sweep eval shards bench notebooks mlflow-ui learning-check compile-check reliability clean
+.PHONY: help setup test test-fast test-all lint pretrain finetune florence2-tiny sweep eval shards bench notebooks mlflow-ui learning-check compile-check reliability clean
 
 help:
-	@echo "make test       set up .venv, install fvl, run the test suite"
+	@echo "make test       set up .venv, install fvl, run the test suite (unit, integration and e2e tiers)"
+	@echo "make test-fast  the unit tier alone (about a minute)"
+	@echo "make test-all   every tier, the opt-in ones too (learning, inductor, gpu, heavy)"
 	@echo "make pretrain   stage 1 on the tiny preset (ARGS='key=value ...' overrides)"
 	@echo "make finetune   stage 2 from the latest pretrain checkpoint (CKPT=path to choose one)"
 	@echo "make florence2-tiny  stage 0: the tiny Florence-2 trained on its own tasks (builtin:florence2-tiny)"
@@ -41,8 +43,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,notebooks,lmms-eval]" && { $(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision; }
 	@touch $(STAMP)
 
+# Two xdist workers (each with one torch thread: tests/conftest.py); `loadfile` keeps a module's tests, and so
+# its module-scoped fixtures, on one worker.
+XDIST ?= -n 2 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m "not (integration or e2e or learning or inductor or gpu or heavy)" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fvl tests
@@ -66,18 +77,17 @@ eval: $(STAMP)
 	$(VENV)/bin/fvl eval $(if $(CKPT),$(CKPT),latest) $(ARGS)
 
 compile-check: $(STAMP)
-	FVL_INDUCTOR_TEST=1 $(PY) -m pytest -q tests/models/test_vision_compile.py
+	$(PY) -m pytest -q -m inductor tests/models
 
 # Opt-in: the reliability tests of make test at larger counts (10,000 fuzzed samples, 15 kill -9 points).
 reliability: $(STAMP)
-	FVL_FUZZ_BAD=10000 FVL_KILLS=15 $(PY) -m pytest -q tests/data/test_fuzz.py tests/train/test_kill.py \
-	  tests/train/test_checkpoint_commit.py tests/train/test_tracking_outage.py
+	$(PY) -m pytest -q -m heavy tests
 
 # Opt-in (about 11 minutes; 652 s measured from a fresh clone): the default pretrain + finetune must score
 # colour, shape, count, OCR and position at >= 2x chance (0.75 where chance is 0.5); all five pass
 # (BENCHMARKS.md, "Generator 5").
 learning-check: $(STAMP)
-	FVL_LEARNING_TEST=1 $(PY) -m pytest -q tests/train/test_learning.py
+	$(PY) -m pytest -q -m learning tests
 
 notebooks: $(STAMP)
 	$(VENV)/bin/fvl notebooks

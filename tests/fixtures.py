@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from fvl.config import load
-from fvl.resources import shipped_dir
+from fvl.util.resources import shipped_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = shipped_dir("experiments")
@@ -46,7 +46,7 @@ def tiny_cfg(*overrides, **replace):
     cfg = load("tiny", [f"model.{o}" for o in overrides]).model
     for key, value in replace.items():
         section, name = key.split("_", 1)
-        cfg[section][name] = value
+        setattr(getattr(cfg, section), name, value)
     return cfg
 
 

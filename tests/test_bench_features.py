@@ -1,11 +1,11 @@
-"""``fvl.bench_features``: the feature benchmark's two ways compute the same features (at the tiny size; no
+"""``fvl.bench.features``: the feature benchmark's two ways compute the same features (at the tiny size; no
 timing is asserted), and its published sizes are the presets'."""
 
 import pytest
 
-from fvl.bench_features import bench_archs, bench_features, summary
+from fvl.bench.features import bench_archs, bench_features, summary
 from fvl.config import load
-from fvl.models.config import plain_dict
+from fvl.config.model import plain_dict
 from fvl.models.vision.florence2 import FLORENCE2_ARCHS
 
 

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from fvl.config import ConfigError, load
+from fvl.models import check as check_model
 from tests.fixtures import EXPERIMENTS
 
 SHIPPED = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
@@ -19,14 +19,14 @@ def test_there_are_shipped_configs():
 def test_every_shipped_yaml_loads(path: Path):
     cfg = load(path)
     assert cfg.model.fusion.features
-    OmegaConf.to_object(cfg)  # the typed objects build (validation ran)
+    check_model(cfg.model)  # the names it states exist and its image tokens fit
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_shipped_sweep_loads_at_every_grid_point(path: Path):
     """Every stage with every combination of the YAML layers the grid names (a value axis such as the seed
     is one override, checked once per combination)."""
-    from fvl.train.sweep import grid_points, load_sweep
+    from fvl.sweep.runner import grid_points, load_sweep
 
     sweep = load_sweep(path)
     points = grid_points(sweep)
@@ -43,11 +43,11 @@ def test_every_shipped_sweep_loads_at_every_grid_point(path: Path):
 
 def test_presets_by_name_and_include():
     b3, b8 = load("florence_vl_3b"), load("florence_vl_8b")
-    assert b3.model.llm.arch.model_type == "phi3" and b3.model.text.template == "phi3"
-    assert b8.model.llm.arch.model_type == "llama" and b8.model.text.template == "llama3"
+    assert b3.model.llm.arch["model_type"] == "phi3" and b3.model.text.template == "phi3"
+    assert b8.model.llm.arch["model_type"] == "llama" and b8.model.text.template == "llama3"
     # the 8B preset states only its difference: the vision side comes from the 3B include
     assert b8.model.vision == b3.model.vision
-    assert b8.model.llm.arch.hidden_size == 4096 and b8.model.llm.arch.num_key_value_heads == 8
+    assert b8.model.llm.arch["hidden_size"] == 4096 and b8.model.llm.arch["num_key_value_heads"] == 8
 
 
 def test_overrides_apply_and_lists_replace():
@@ -62,14 +62,31 @@ def test_overrides_apply_and_lists_replace():
         ("model.vision.image_size=big", "model.vision.image_size"),
         ("model.llm.init=downloaded", "model.llm.init"),
         ("model.fusion.name=single_layer", "single_layer takes exactly one feature"),
-        ("model.projector.name=mlp0x_gelu", "model.projector.name"),
-        ("model.text.template=vicuna", "model.text.template"),
         ("nonsense", "expected key=value"),
+        ("init_from=latest", "names no stage.init_stage"),
     ],
 )
 def test_config_errors_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
         load("tiny", [override])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.projector.name=mlp0x_gelu", "model.projector.name"),
+        (
+            "model.text.template=vicuna",
+            r"model.text.template \(or stage.template\)='vicuna': expected one of",
+        ),
+        ("model.fusion.name=nope", "model.fusion.name='nope'"),
+        ("model.vision.name=nope", "model.vision.name='nope'"),
+    ],
+)
+def test_names_the_code_does_not_know_are_refused_before_a_build(override, fragment):
+    cfg = load("tiny", [override])  # the config layer knows no registry
+    with pytest.raises(ValueError, match=fragment):
+        check_model(cfg.model)
 
 
 def test_yaml_errors_name_the_file(tmp_path):
@@ -105,9 +122,9 @@ def test_missing_pretrained_path_is_a_clear_error():
 
 def test_image_tokens_must_leave_room_for_text():
     with pytest.raises(
-        ConfigError, match=r"max_length=2048 leaves no room for text: one image is 2304 tokens"
+        ValueError, match=r"max_length=2048 leaves no room for text: one image is 2304 tokens"
     ):
-        load("florence_vl_3b", ["model.fusion.name=token_concat"])
+        check_model(load("florence_vl_3b", ["model.fusion.name=token_concat"]).model)
     # the shipped token_concat variant raises the budget; the paper's 1728 tokens fit the default
     from fvl.config import resolve_path
 
@@ -117,19 +134,22 @@ def test_image_tokens_must_leave_room_for_text():
         ).model.text.max_length
         == 2816
     )
-    load(
-        "florence_vl_3b", ["model.fusion.name=token_concat", "model.fusion.features=[caption,ocr,grounding]"]
+    check_model(
+        load(
+            "florence_vl_3b",
+            ["model.fusion.name=token_concat", "model.fusion.features=[caption,ocr,grounding]"],
+        ).model
     )
 
 
 def test_a_tower_path_with_random_init_is_refused_not_ignored():
     with pytest.raises(ValueError, match="model.vision.init=pretrained"):
-        OmegaConf.to_object(load("tiny", ["model.vision.path=/some/florence2"]))
+        load("tiny", ["model.vision.path=/some/florence2"])
 
 
 def test_a_sweeps_notebook_is_a_shipped_name_or_a_path_and_a_wrong_one_is_refused(tmp_path: Path):
-    from fvl.resources import shipped_dir
-    from fvl.train.sweep import load_sweep
+    from fvl.sweep.runner import load_sweep
+    from fvl.util.resources import shipped_dir
 
     stage = EXPERIMENTS / "pretrain.yaml"
     (tmp_path / "mine.ipynb").write_text("{}")
@@ -156,3 +176,15 @@ def test_the_desk_sweeps_data_cut_holds_what_each_of_its_runs_reads(stage: str):
     held = sum(recipe.source(name).num_samples for name in cfg.data.sources)
     reads = cfg.trainer.max_steps * cfg.train.global_batch_size
     assert reads <= held < 1.1 * reads + 1000, (stage, reads, held)
+
+
+def test_load_returns_the_typed_config_and_round_trips_through_yaml():
+    from fvl.config import ExperimentConfig, from_yaml, to_yaml, with_overrides
+
+    cfg = load("tiny", ["stage=finetune", "model.fusion.name=avg_pool"])
+    assert isinstance(cfg, ExperimentConfig) and cfg.model.text.template == "phi3"
+    assert from_yaml(to_yaml(cfg)) == cfg
+    changed = with_overrides(cfg, ["seed=7"])
+    assert changed.seed == 7 and cfg.seed == 0
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        with_overrides(cfg, ["data.batch_size=3", "train.global_batch_size=8"])

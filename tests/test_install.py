@@ -32,7 +32,7 @@ def run_installed(target, cwd, *code_lines):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_plain_install_runs_fvl_info_tiny_from_another_directory(installed, tmp_path):
     res = run_installed(
         installed, tmp_path,

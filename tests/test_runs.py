@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fvl.runs import RunDir, resolve_weights
+from fvl.runs.folder import RunDir
+from fvl.runs.weights import find_weights
 
 
 def make_run(root, name="tiny", stage="pretrain", kinds=("last",), suffixes=(".safetensors", ".ckpt")):
@@ -66,16 +67,19 @@ def test_info_and_config_round_trip(tmp_path):
     assert json.loads((run.path / "run.json").read_text())["steps"] == 4
 
 
-def test_resolve_weights_file_folder_latest(tmp_path):
+def test_find_weights_file_folder_latest(tmp_path):
     old = make_run(tmp_path, stage="pretrain")
     new = make_run(tmp_path, stage="finetune")
-    assert resolve_weights("latest", tmp_path) == new.weights("last")
-    assert resolve_weights(old.path) == old.weights("last")
-    assert resolve_weights(old.ckpt("last")) == old.weights("last")  # the safetensors sibling
-    with pytest.raises(FileNotFoundError):
-        resolve_weights(tmp_path / "nope.safetensors")
+    assert find_weights("latest", tmp_path).path == new.weights("last")
+    assert find_weights("latest", tmp_path, stage="pretrain").path == old.weights("last")  # init_from=latest
+    assert find_weights(old.path).path == old.weights("last")
+    assert find_weights(old.ckpt("last")).path == old.weights("last")  # the safetensors sibling
+    with pytest.raises(FileNotFoundError, match="init_from=.*nope.safetensors: no such file"):
+        find_weights(tmp_path / "nope.safetensors", key="init_from")
     with pytest.raises(FileNotFoundError, match="train one first"):
-        resolve_weights("latest", tmp_path / "empty")
+        find_weights("latest", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no align run"):
+        find_weights("latest", tmp_path, stage="align")
 
 
 def test_ranks_started_inside_a_run_join_its_folder(tmp_path, monkeypatch):

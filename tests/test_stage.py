@@ -3,8 +3,8 @@
 
 import pytest
 
-from fvl.config import ConfigError, as_experiment, load, resolve_path
-from fvl.stage import StageConfig
+from fvl.config import ConfigError, load, resolve_path
+from fvl.config.stage import StageConfig
 
 
 def test_the_stage_name_stands_for_its_yaml_in_overrides_and_files(tmp_path):
@@ -30,7 +30,7 @@ def test_the_stage_derives_the_template_in_one_place():
     assert load("florence_vl_8b_finetune").model.text.template == "llama3"
     assert load("florence_vl_8b_pretrain").model.text.template == "plain"
     # the derived value is part of the loaded config, not only of the dataclass
-    assert as_experiment(load("pretrain")).model.text.template == "plain"
+    assert load("pretrain").model.text.template == "plain"
 
 
 def test_a_new_stage_is_one_yaml_file(tmp_path, monkeypatch, capsys):
@@ -58,7 +58,6 @@ def test_a_new_stage_is_one_yaml_file(tmp_path, monkeypatch, capsys):
         (["stage.trainable=[vision,decoder]"], "unknown components"),
         (["stage.resize_mode=crop"], "stage.resize_mode"),
         (["stage.val_task=ocr"], "stage.val_task"),
-        (["stage.template=vicuna"], "stage.template"),
         (["stage.name=pre train"], "stage.name"),
         (["stage=pretrain", "init_from=latest"], "names no stage.init_stage"),
     ],
@@ -66,6 +65,20 @@ def test_a_new_stage_is_one_yaml_file(tmp_path, monkeypatch, capsys):
 def test_stage_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load("tiny", overrides)
+
+
+def test_a_stage_template_the_code_does_not_know_is_refused_before_a_build():
+    from fvl.models import check
+
+    with pytest.raises(ValueError, match=r"stage.template\)='vicuna'"):
+        check(load("tiny", ["stage.template=vicuna"]).model)
+
+
+def test_the_stage_schemas_validation_tasks_are_the_synthetic_splits():
+    from fvl.config.stage import VAL_TASKS
+    from fvl.synthetic import TASKS
+
+    assert VAL_TASKS == TASKS
 
 
 def test_schema_default_is_stage_one():

@@ -1,5 +1,6 @@
-"""The ``fvl`` command: a table of names to typed functions (``fvl.cli.commands``), each parser generated
-from the function's argument dataclass (``fvl.cli.args``). ``-v`` anywhere logs at INFO level and shows
+"""The ``fvl`` command: a table of names to typed functions, one module per command family (``models``,
+``data``, ``train``, ``sweep``, ``eval``, ``convert``, ``bench``), each parser generated from the function's
+argument dataclass (``fvl.cli.args``). ``-v`` anywhere logs at INFO level and shows
 tracebacks; without it, a bad config key, value, path or name ends in one line that says what to fix."""
 
 from __future__ import annotations
@@ -9,27 +10,27 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fvl.cli import commands as c
-from fvl.cli import interop_commands as i
+from fvl.cli import bench, convert, data, models, sweep, train
+from fvl.cli import eval as evaluation
 from fvl.cli.args import description, parse
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
-    "info": (c.InfoArgs, c.info),
-    "train": (c.TrainArgs, c.train),
-    "sweep": (c.SweepArgs, c.sweep),
-    "eval": (c.EvalArgs, c.evaluate),
-    "chat": (c.ChatArgs, c.chat),
-    "align": (c.AlignArgs, c.align),
-    "pca": (c.PCAArgs, c.pca),
-    "export": (c.ExportArgs, c.export),
-    "shards build": (c.ShardsBuildArgs, c.shards_build),
-    "shards merge": (c.ShardsMergeArgs, c.shards_merge),
-    "features build": (c.FeaturesBuildArgs, c.features_build),
-    "florence2-tiny": (c.Florence2TinyArgs, c.florence2_tiny),
-    "import florence2": (i.ImportFlorence2Args, i.import_florence2),
-    "import florence-vl": (i.ImportFlorenceVLArgs, i.import_florence_vl),
-    "bench": (c.BenchArgs, c.bench),
-    "notebooks": (c.NotebooksArgs, c.notebooks),
+    "info": (models.InfoArgs, models.info),
+    "train": (train.TrainArgs, train.train),
+    "sweep": (sweep.SweepArgs, sweep.sweep),
+    "eval": (evaluation.EvalArgs, evaluation.evaluate),
+    "chat": (evaluation.ChatArgs, evaluation.chat),
+    "align": (evaluation.AlignArgs, evaluation.align),
+    "pca": (evaluation.PCAArgs, evaluation.pca),
+    "export": (convert.ExportArgs, convert.export),
+    "shards build": (data.ShardsBuildArgs, data.shards_build),
+    "shards merge": (data.ShardsMergeArgs, data.shards_merge),
+    "features build": (data.FeaturesBuildArgs, data.features_build),
+    "florence2-tiny": (train.Florence2TinyArgs, train.florence2_tiny),
+    "import florence2": (convert.ImportFlorence2Args, convert.import_florence2),
+    "import florence-vl": (convert.ImportFlorenceVLArgs, convert.import_florence_vl),
+    "bench": (bench.BenchArgs, bench.bench),
+    "notebooks": (evaluation.NotebooksArgs, evaluation.notebooks),
 }
 
 
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verbose:
         return int(func(args) or 0)
     from fvl.config import ConfigError
-    from fvl.data.feature_cache import FeatureCacheError
+    from fvl.data.feature_cache.store import FeatureCacheError
     from fvl.data.recipes import RecipeError
 
     try:

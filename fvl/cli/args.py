@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+POSITIONAL = {"positional": True}  # a field's ``metadata``: the argument is positional
 _SCALARS: tuple[type, ...] = (str, int, float)
 _ENTRY = re.compile(r"(\s*)([A-Za-z_]\w*(?:\s*/\s*[A-Za-z_]\w*)*)\s*:(?=\s|$)(.*)")
 _MISSING: Any = dataclasses.MISSING

@@ -10,7 +10,7 @@ __all__ = ["build_datamodule"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on use: fvl.models imports fvl.data.collate, and the DataModule imports fvl.models.
+    # Imported on use: fvl.models imports fvl.inputs.collate, and the DataModule imports fvl.models.
     if name == "build_datamodule":
         from fvl.data.datamodule import build_datamodule
 

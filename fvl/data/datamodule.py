@@ -12,12 +12,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from fvl.data.collate import collate
-from fvl.data.config import DataConfig
-from fvl.data.feature_cache import (
+from fvl.config import ExperimentConfig
+from fvl.config.data import DataConfig
+from fvl.data.feature_cache.store import (
     FUSION_KEYS,
     FeatureSelection,
     FeatureSpans,
@@ -29,8 +28,9 @@ from fvl.data.reader import Catalog, PlannedLoader, ShardReader, as_is
 from fvl.data.recipes import Recipe, load_recipe, resolve_recipe_path
 from fvl.data.shards import MANIFEST, build, load_manifest
 from fvl.data.shardset import ShardSet, hold_out, shard_set
-from fvl.data.synthetic import generate
-from fvl.models.processor import Processor
+from fvl.inputs.collate import collate
+from fvl.inputs.processor import Processor
+from fvl.synthetic import generate
 
 log = logging.getLogger(__name__)
 
@@ -284,26 +284,18 @@ class FVLDataModule(L.LightningDataModule):
 
 
 def build_datamodule(
-    cfg: DictConfig | Any,
-    stage: Any = None,
+    exp: ExperimentConfig,
     processor: Processor | None = None,
     feature_identity: dict[str, Any] | None = None,
     fusion: torch.nn.Module | None = None,
 ) -> FVLDataModule:
-    """The DataModule of a loaded experiment config (``fvl.config.load``), without building the model.
-
-    stage: a stage (its name, or a ``StageConfig``); when it is not ``cfg``'s own, its YAML applies on top
-    of ``cfg`` (its sources, resize mode and validation task); None keeps ``cfg.stage``. processor: reuse one
+    """The DataModule of a loaded experiment config (``fvl.config.load``; another stage's data:
+    ``fvl.config.with_stage`` first), without building the model. processor: reuse one
     (the model's); default: built from ``cfg.model``. feature_identity: what ``data.feature_cache`` must have
     been built with (``fvl.data.feature_cache.identity_of`` of the model); fusion: the model's fusion (a
     cache of features side by side is then fused for it as read)."""
-    from fvl.config import as_experiment, with_stage
     from fvl.models.processor import build_processor
 
-    exp = as_experiment(cfg)
-    name = getattr(stage, "name", stage)
-    if name and name != exp.stage.name:
-        exp = as_experiment(with_stage(exp, str(name)))
     if processor is None:
         processor = build_processor(exp.model)
     processor = processor.with_resize_mode(exp.stage.resize_mode)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fvl.data.collate import Sample, stack_images
+from fvl.inputs.collate import Sample, stack_images
 from fvl.text.templates import IGNORE_INDEX
 
 

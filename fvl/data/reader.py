@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fvl.data.collate import Sample, collate
-from fvl.data.feature_cache import FeatureCacheError, FeatureSpans
+from fvl.data.feature_cache.store import FeatureCacheError, FeatureSpans
 from fvl.data.packing import collate_packed
 from fvl.data.plan import EpochBatches, Sources
 from fvl.data.sources import SKIP_REASONS, Skip
 from fvl.data.tarindex import SPAN, load_index, parse_sample
-from fvl.models.processor import Processor
-from fvl.models.vision.transform import ImageError
+from fvl.inputs.collate import Sample, collate
+from fvl.inputs.processor import Processor
+from fvl.inputs.transform import ImageError
 from fvl.text.templates import TemplateError
 
 # Every reason a stream can skip a sample for, in a fixed order (ranks sum their counts as one vector): the
@@ -158,7 +158,7 @@ class Catalog:
 class ShardReader(Dataset):
     """``reader[ids]`` -> one collated batch of those samples (``ids``, ``labels``, uint8 ``pixel_values``
     ``[N, 3, S, S]`` - or, with ``features`` (a feature cache), ``image_features`` ``[N, tokens, dim]`` -,
-    ``skipped`` reason -> count, ``num_tokens``, ``padding_fraction``). Picklable: open files are per process
+    ``skipped`` reason -> count, ``num_tokens``, ``tokens_squared``, ``padding_fraction``). Picklable: open files are per process
     and reopened after a fork."""
 
     def __init__(
@@ -260,6 +260,9 @@ def batch_of(
     batch["skipped"] = dict(skipped)
     tokens = sum(len(s.input_ids) for s in samples)
     batch["num_tokens"] = tokens
+    batch["tokens_squared"] = sum(
+        len(s.input_ids) ** 2 for s in samples
+    )  # attention's FLOPs (fvl.models.flops)
     batch["padding_fraction"] = 1.0 - tokens / max(1, batch["input_ids"].numel())
     return batch
 

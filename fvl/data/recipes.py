@@ -25,11 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from fvl import resources
-from fvl.data.synthetic import KINDS, SPLITS, TASKS
+from fvl.config import ConfigError, read_yaml, typed
+from fvl.synthetic import KINDS, SPLITS, TASKS
+from fvl.util import resources
 
 FORMATS = ("llava_json", "caption_jsonl", "synthetic")
 
@@ -101,25 +99,22 @@ def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
     templates whose paths a user fills in)."""
     path = resolve_recipe_path(path)
     try:
-        raw = OmegaConf.load(path)
-    except Exception as e:
-        raise RecipeError(f"recipe {path}: cannot parse YAML: {e}") from None
-    # Merge each source on its own so that an error names it: sources[i].key.
-    sources = raw.pop("sources", None) if hasattr(raw, "pop") else None
-    if sources is not None and not OmegaConf.is_list(sources):
+        raw = read_yaml(path)
+    except ConfigError as e:
+        raise RecipeError(f"recipe {e}") from None
+    # Each source on its own, so that an error names it: sources[i].key.
+    sources = raw.pop("sources", None) if isinstance(raw, dict) else None
+    if sources is not None and not isinstance(sources, list):
         raise RecipeError(f"recipe {path}: 'sources' must be a list")
-    parsed = []
-    for i, item in enumerate(sources or []):
-        try:
-            parsed.append(OmegaConf.merge(OmegaConf.structured(SourceConfig), item))
-        except OmegaConfBaseException as e:
-            raise RecipeError(f"recipe {path}: sources[{i}].{getattr(e, 'full_key', '?')}: {e.msg}") from None
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
-        cfg.sources = parsed
-    except OmegaConfBaseException as e:
-        raise RecipeError(f"recipe {path}: key {getattr(e, 'full_key', '?')!r}: {e.msg}") from None
-    recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        parsed = [
+            typed(SourceConfig, item, source=f"recipe {path}", prefix=f"sources[{i}].")
+            for i, item in enumerate(sources or [])
+        ]
+        recipe = typed(Recipe, raw, source=f"recipe {path}")
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    recipe.sources = parsed
     recipe.path = str(path)
     _validate(recipe, path.parent, check_files)
     return recipe

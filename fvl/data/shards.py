@@ -52,8 +52,8 @@ import webdataset as wds
 
 from fvl.data.recipes import Recipe, ShardSettings, SourceConfig
 from fvl.data.sources import Skip, encode_item, read_items
-from fvl.data.synthetic import GENERATOR_VERSION
 from fvl.data.tarindex import write_index
+from fvl.synthetic import GENERATOR_VERSION
 
 MANIFEST = "manifest.json"
 # Bump whenever what a task writes changes (sample layout, image encoding, sidecars), so that shards of an

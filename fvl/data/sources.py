@@ -27,8 +27,8 @@ import ijson
 from PIL import Image
 
 from fvl.data.recipes import SourceConfig
-from fvl.data.synthetic import generate
-from fvl.models.vision.transform import to_rgb
+from fvl.inputs.transform import to_rgb
+from fvl.synthetic import generate
 from fvl.text.templates import TemplateError, normalize_conversation
 
 IMAGE_TOKEN = "<image>"

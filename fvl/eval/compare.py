@@ -41,7 +41,7 @@ class Interval:
 
 
 def launch_time(sweep_id: str) -> str:
-    """The UTC time in a launch id (``fvl.train.sweep.new_sweep_id``: ``<sweep>-<time>-<hex>``); empty for
+    """The UTC time in a launch id (``fvl.sweep.new_sweep_id``: ``<sweep>-<time>-<hex>``); empty for
     an id of another form."""
     parts = sweep_id.rsplit("-", 2)
     return parts[1] if len(parts) == 3 and parts[1].endswith("Z") else ""

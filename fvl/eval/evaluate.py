@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from fvl.config.eval import EvalConfig
 from fvl.eval.benchmarks import Benchmark, EvalSample, Scored, resolve_benchmark
-from fvl.eval.config import EvalConfig
-from fvl.models.loading import load_for_inference
-from fvl.runs import RunDir, resolve_weights
-from fvl.tracking import TrackingConfig, experiment_id, tracking_uri
+from fvl.models.loading import load_weights_file
+from fvl.runs.folder import RunDir
+from fvl.runs.tracking import TrackingConfig, experiment_id, tracking_uri
+from fvl.runs.weights import find_weights
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,13 @@ def evaluate_checkpoint(
     tracking: TrackingConfig | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Score a checkpoint (a weights file, a run folder or ``latest``) on ``cfg.bench``: JSON per benchmark in
+    """Score a checkpoint (a weights file, a run folder, ``latest`` or ``mlflow:RUN_ID``) on ``cfg.bench``: JSON per benchmark in
     ``out`` (default: the run's ``eval/``) and metrics ``eval/<bench>/*`` on the checkpoint's own MLflow run.
     The one evaluation path: ``fvl eval`` and sweeps both call it."""
     cfg = cfg or EvalConfig()
-    checkpoint = resolve_weights(spec, output_dir)
+    checkpoint = find_weights(spec, output_dir).path
     device, dtype = cfg.placement()
-    model = load_for_inference(checkpoint).to(device=device, dtype=getattr(torch, dtype))
+    model = load_weights_file(checkpoint).to(device=device, dtype=getattr(torch, dtype))
     run = RunDir.of(checkpoint)
     folder = Path(out) if out else run.eval_dir if run else checkpoint.parent / "eval"
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,7 +213,7 @@ def log_to_mlflow(
     if tracking is None:
         tracking = TrackingConfig()
         if run is not None and run.config_path.exists():
-            tracking.experiment = run.config().get("tracking", {}).get("experiment", tracking.experiment)
+            tracking.experiment = run.config().tracking.experiment
     uri = tracking_uri(tracking)
     client = MlflowClient(uri)
     run_id = run.mlflow_run_id if run else ""

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-# the protocol names live with the option's schema (fvl.eval.config), which must not import torch
-from fvl.eval.config import VQA_PROTOCOLS, vqa_protocol
+# the protocol names live with the option's schema (fvl.config.eval), which must not import torch
+from fvl.config.eval import VQA_PROTOCOLS, vqa_protocol
 
 __all__ = [
     "ANLS",

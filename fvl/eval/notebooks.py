@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fvl import resources
+from fvl.util import resources
 
 
 def shipped_notebooks() -> list[Path]:
@@ -25,7 +25,7 @@ def execute(
     timeout: int = 600,
 ) -> Path:
     """Run one notebook; returns the executed copy's path. Raises ``CellExecutionError`` on a failing cell."""
-    from fvl.extras import require
+    from fvl.util.extras import require
 
     nbformat = require("nbformat", "notebooks")
     NotebookClient = require("nbclient", "notebooks").NotebookClient

@@ -56,7 +56,7 @@ def write_pca(
     image: Image.Image, panels: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: str | Path
 ) -> tuple[Path, Path]:
     """``pca.png`` (the image, then one panel per feature) and ``pca.csv`` (explained variance per PC)."""
-    from fvl.extras import pyplot
+    from fvl.util.extras import pyplot
 
     plt = pyplot()
 

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from fvl.config.model import ModelConfig
+from fvl.inputs.processor import Processor
+from fvl.models.check import check
 from fvl.models.checkpoint import export, load_checkpoint, load_exported, model_config, save_checkpoint
-from fvl.models.config import ModelConfig
 from fvl.models.florence_vl import FlorenceVL, ImageTokenMismatch
 from fvl.models.freeze import set_trainable
 from fvl.models.loading import load_for_inference, load_model_weights
-from fvl.models.processor import Processor, build_processor
+from fvl.models.processor import build_processor
 
 
 def build_model(cfg: Any) -> FlorenceVL:
-    """Build the composed model from ``cfg.model`` of an experiment (a DictConfig, dict or ModelConfig)."""
-    return FlorenceVL(model_config(cfg))
+    """Build the composed model from ``cfg.model`` of an experiment (a ``ModelConfig``, a dict or YAML), after
+    checking the names and token budget it states (``fvl.models.check``)."""
+    cfg = model_config(cfg)
+    check(cfg)
+    return FlorenceVL(cfg)
 
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "Processor",
     "build_model",
+    "check",
     "build_processor",
     "export",
     "load_checkpoint",

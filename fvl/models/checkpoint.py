@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from fvl.models.config import ModelConfig
+from fvl.config import dump_yaml, plain, read_yaml, typed
+from fvl.config.model import ModelConfig
 from fvl.models.florence_vl import FlorenceVL
 
 log = logging.getLogger(__name__)
@@ -44,18 +44,15 @@ CONFIG_FILE = "fvl_config.yaml"
 PROJECTOR_FILE = "projector.safetensors"
 
 
-def model_config(cfg: Any) -> ModelConfig:
-    """A validated ``ModelConfig`` from a DictConfig, a dict, a YAML string or a ``ModelConfig``."""
-    if isinstance(cfg, ModelConfig):
+def model_config(cfg: Any, overrides: dict | None = None) -> ModelConfig:
+    """A validated ``ModelConfig`` from a ``ModelConfig``, a dict or a YAML string, ``overrides`` on top."""
+    if isinstance(cfg, ModelConfig) and not overrides:
         return cfg
-    if isinstance(cfg, str):
-        cfg = OmegaConf.create(cfg)
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
-    return OmegaConf.to_object(merged)
+    return typed(ModelConfig, cfg, overrides, source="model config")
 
 
 def config_yaml(cfg: ModelConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return dump_yaml(cfg)
 
 
 def _atomic_path(path: Path) -> Path:
@@ -154,7 +151,12 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach()
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(tensor.data, state).detach()
+    data = tensor.data
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes >= 0.48 repacks a CPU weight for its own gemm on the first forward; dequantizing that
+        # layout as it is gives numbers unrelated to the weight (the merged QLoRA checkpoint was garbage)
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+    return bnbf.dequantize_4bit(data, state).detach()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -162,16 +164,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_checkpoint(path: str | Path, overrides: DictConfig | dict | None = None) -> FlorenceVL:
+def load_checkpoint(path: str | Path, overrides: dict | None = None) -> FlorenceVL:
     """Rebuild the model from the config stored in the checkpoint (optionally overridden), load weights
     strictly (a missing or unexpected key is an error)."""
     meta = read_metadata(path)
     if "fvl_config" not in meta:
         raise ValueError(f"{path}: not an fvl checkpoint (no fvl_config in its metadata)")
-    cfg = OmegaConf.create(meta["fvl_config"])
-    if overrides is not None:
-        cfg = OmegaConf.merge(cfg, overrides)
-    model = FlorenceVL(model_config(cfg))
+    model = FlorenceVL(model_config(meta["fvl_config"], overrides))
     missing, unexpected = load_model(model, str(path), strict=True)
     return model
 
@@ -187,11 +186,11 @@ def export(model: FlorenceVL, out_dir: str | Path) -> Path:
     heads = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
     heads |= {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
     save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(out / PROJECTOR_FILE))
-    cfg = OmegaConf.structured(model.cfg)
-    cfg.vision.init, cfg.vision.path, cfg.vision.tokenizer_path = "pretrained", "vision", None
-    cfg.llm.init, cfg.llm.path = "pretrained", "llm"
-    cfg.text.tokenizer_path = None
-    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
+    cfg = plain(model.cfg)
+    cfg["vision"] |= {"init": "pretrained", "path": "vision", "tokenizer_path": None}
+    cfg["llm"] |= {"init": "pretrained", "path": "llm"}
+    cfg["text"]["tokenizer_path"] = None
+    (out / CONFIG_FILE).write_text(dump_yaml(cfg))
     return out
 
 
@@ -261,12 +260,10 @@ def _with_image_token(folder: Path, image_token_id: int):
 def load_exported(folder: str | Path, overrides: dict | None = None) -> FlorenceVL:
     """Load a folder written by ``export`` (relative paths in its config resolve against the folder)."""
     folder = Path(folder)
-    cfg = OmegaConf.load(folder / CONFIG_FILE)
-    cfg.vision.path = str(folder / cfg.vision.path)
-    cfg.llm.path = str(folder / cfg.llm.path)
-    if overrides:
-        cfg = OmegaConf.merge(cfg, overrides)
-    model = FlorenceVL(model_config(cfg))
+    cfg = read_yaml(folder / CONFIG_FILE)
+    cfg["vision"]["path"] = str(folder / cfg["vision"]["path"])
+    cfg["llm"]["path"] = str(folder / cfg["llm"]["path"])
+    model = FlorenceVL(model_config(cfg, overrides))
     heads = load_file(str(folder / PROJECTOR_FILE))
     model.projector.load_state_dict(
         {k[len("projector.") :]: v for k, v in heads.items() if k.startswith("projector.")}

@@ -17,17 +17,15 @@ from PIL import Image
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fvl.models.config import ModelConfig
+from fvl.config.model import COMPONENTS, ModelConfig
+from fvl.inputs.processor import Processor
 from fvl.models.fusion import build_fusion
 from fvl.models.llm import build_llm
 from fvl.models.loss import causal_lm_loss
-from fvl.models.processor import Processor
 from fvl.models.projector import build_projector
 from fvl.models.vision import build_vision_tower
 from fvl.text import get_template
 from fvl.text.templates import TemplateError
-
-COMPONENTS = ("vision", "fusion", "projector", "llm")
 
 
 class ImageTokenMismatch(ValueError):
@@ -155,7 +153,7 @@ class FlorenceVL(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
         """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
         ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float) or their
-        fused features ``image_features`` (from a feature cache, ``fvl.data.feature_cache``), and
+        fused features ``image_features`` (from a feature cache, ``fvl.data.feature_cache.store``), and
         ``position_ids`` (packed batches: they restart at each sample). Returns the LLM output; ``.loss`` is
         the mean over supervised tokens, computed as ``model.llm.loss`` says (``fvl.models.loss``): with
         ``chunked`` or ``fused`` the full logits are never built and ``.logits`` is None."""

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fvl.models.florence_vl import COMPONENTS, FlorenceVL
+from fvl.config.model import COMPONENTS
+from fvl.models.florence_vl import FlorenceVL
 from fvl.models.vision.base import DTYPES
 
 log = logging.getLogger(__name__)

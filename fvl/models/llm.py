@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from fvl.models.config import LLMConfig, TextConfig, check_arch_keys, plain_dict
+from fvl.config.model import LLMConfig, TextConfig, check_arch_keys, plain_dict
 from fvl.models.vision.base import DTYPES, require_local_dir
 from fvl.text import load_tokenizer
 
@@ -104,6 +104,6 @@ def llm_tokenizer_path(cfg_path: str | None, llm: LLMConfig) -> Path:
         return Path(cfg_path).expanduser()
     if llm.init == "pretrained":
         return require_local_dir(llm.path, "model.llm.path", "causal LM")
-    from fvl.models.tiny_assets import tiny_tokenizer_dirs
+    from fvl.assets.tiny_tokenizers import tiny_tokenizer_dirs
 
     return tiny_tokenizer_dirs()[0]

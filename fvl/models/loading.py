@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from fvl.models.checkpoint import load_checkpoint
+from fvl.models.checkpoint import load_checkpoint, model_config
 from fvl.models.florence_vl import FlorenceVL
-from fvl.runs import RunDir, resolve_weights
+from fvl.runs.folder import RunDir
+from fvl.runs.weights import find_weights
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -25,17 +26,21 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     )
 
 
-def load_for_inference(spec: str | Path, output_dir: str | Path = "runs") -> FlorenceVL:
-    """The model of ``spec`` (a weights file, a run folder or ``latest``), in eval mode. Safetensors carry
-    their config; a ``.ckpt`` (a sharded run's) is rebuilt from its run's ``config.yaml``."""
-    path = resolve_weights(spec, output_dir)
+def load_weights_file(path: str | Path) -> FlorenceVL:
+    """The model of a weights file, in eval mode. Safetensors carry their config; a ``.ckpt`` (a sharded
+    run's) is rebuilt from its run's ``config.yaml``."""
+    path = Path(path)
     if path.suffix == ".safetensors":
         return load_checkpoint(path).eval()
     run = RunDir.of(path)
     if run is None:
         raise FileNotFoundError(f"{path}: a .ckpt needs its run folder's config.yaml")
-    from fvl.models import build_model
-
-    model = build_model(run.config().model)
+    model = FlorenceVL(model_config(run.config().model))
     load_model_weights(model, path)
     return model.eval()
+
+
+def load_for_inference(spec: str | Path, output_dir: str | Path = "runs") -> FlorenceVL:
+    """The model of ``spec`` (a weights file, a run folder, ``latest`` or ``mlflow:RUN_ID``: where it points
+    is ``fvl.runs.weights.find_weights``'s to decide), in eval mode."""
+    return load_weights_file(find_weights(spec, output_dir).path)

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fvl.models.config import LOSS_MODES
+from fvl.config.model import LOSS_MODES
 
 IGNORE_INDEX = -100
 # Logit elements in one chunk (and the size above which ``auto`` stops materialising all of them):

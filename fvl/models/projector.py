@@ -6,8 +6,8 @@ import re
 
 from torch import nn
 
-from fvl.models.config import ProjectorConfig
-from fvl.registry import Registry
+from fvl.config.model import ProjectorConfig
+from fvl.util.registry import Registry
 
 PROJECTORS: Registry[nn.Module] = Registry("projector")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from fvl.registry import Registry
+from fvl.util.registry import Registry
 
 IGNORE_INDEX = -100
 ROLE_ALIASES = {

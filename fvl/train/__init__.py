@@ -1,2 +1,2 @@
 """Training: stage LightningModules, optimisation, checkpoints, MLflow tracking, runs and sweeps.
-(Kept import-light: ``fvl.config`` imports the schema from ``fvl.train.config``.)"""
+(Kept import-light: ``fvl.config`` imports the schema from ``fvl.config.train``.)"""

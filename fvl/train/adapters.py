@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from fvl.config.train import LoraConfig
 from fvl.models.florence_vl import FlorenceVL
-from fvl.train.config import LoraConfig
 
 log = logging.getLogger(__name__)
 

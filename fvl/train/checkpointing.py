@@ -21,8 +21,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fvl.models.checkpoint import save_checkpoint
-from fvl.runs import RunDir, resolve_weights
-from fvl.tracking import tracking_uri
+from fvl.runs.folder import RunDir
+from fvl.runs.tracking import tracking_uri
+from fvl.runs.weights import find_weights
 from fvl.train.strategy import is_sharded
 
 if TYPE_CHECKING:
@@ -214,42 +215,14 @@ def resolve_start(cfg: ExperimentConfig) -> Start:
         return Start(run, resume_ckpt=ckpt)
     start = Start(RunDir.create(cfg.output_dir, cfg.name, cfg.stage.name))
     if cfg.init_from:
-        start.init_weights, start.init_run_id = resolve_init(
-            cfg.init_from, cfg.output_dir, cfg.stage.init_stage, tracking_uri(cfg.tracking)
+        stage = cfg.stage.init_stage if cfg.init_from == "latest" else ""
+        found = find_weights(
+            cfg.init_from, cfg.output_dir, stage, tracking_uri(cfg.tracking), key="init_from"
         )
+        start.init_weights, start.init_run_id = found.path, found.run_id
     elif cfg.stage.init_stage:
         log.warning("stage %r starts from the model's own initialisation (no init_from)", cfg.stage.name)
     return start
-
-
-def resolve_init(
-    init_from: str, output_dir: str | Path, init_stage: str = "", tracking: str | None = None
-) -> tuple[Path, str]:
-    """``(weights path, source run id or '')`` for ``init_from``: a path, a run folder, ``latest`` (the newest
-    run of ``init_stage``) or ``mlflow:RUN_ID`` (looked up in the store ``tracking``)."""
-    if init_from == "latest":
-        if not init_stage:
-            raise ValueError("init_from=latest needs the stage's init_stage (which stage to start from)")
-        try:
-            run = RunDir.latest(output_dir, stage=init_stage)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"init_from=latest: no {init_stage} run under {output_dir}/ - train that stage first"
-            ) from None
-        return run.model_weights(), run.mlflow_run_id
-    if init_from.startswith("mlflow:"):
-        from mlflow.tracking import MlflowClient
-
-        run_id = init_from.split(":", 1)[1]
-        path = MlflowClient(tracking).get_run(run_id).data.tags.get("checkpoint_path")
-        if not path:
-            raise FileNotFoundError(f"init_from={init_from}: the run has no checkpoint_path tag")
-        return Path(path), run_id
-    if not Path(init_from).exists():
-        raise FileNotFoundError(f"init_from={init_from}: no such file or run folder")
-    path = resolve_weights(init_from)
-    run = RunDir.of(path)
-    return path, run.mlflow_run_id if run else ""
 
 
 def resolve_resume(resume: str, output_dir: str | Path, name: str, stage: str) -> tuple[Path, RunDir]:

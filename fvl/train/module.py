@@ -10,15 +10,15 @@ import time
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 
-from fvl.config import ExperimentConfig, as_experiment
+from fvl.config import ExperimentConfig
 from fvl.data.reader import STREAM_SKIP_REASONS
 from fvl.models import build_model, load_model_weights, set_trainable
-from fvl.registry import Registry
+from fvl.models.flops import FlopCounter, peak_tflops
 from fvl.train.adapters import apply_lora
 from fvl.train.optim import build_optimizer, build_scheduler
 from fvl.train.strategy import is_sharded, local, shard_model
+from fvl.util.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ MODEL_INPUTS = (
 class FVLModule(L.LightningModule):
     """The model of ``cfg.model`` with the stage's trainable set, its optimisation and its step logging."""
 
-    def __init__(self, cfg: ExperimentConfig | DictConfig, init_weights: str | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, init_weights: str | None = None) -> None:
         super().__init__()
-        self.cfg = cfg = as_experiment(cfg)
+        self.cfg = cfg
         self.model = build_model(cfg.model)
         if init_weights:
             load_model_weights(self.model, init_weights)
@@ -55,7 +55,9 @@ class FVLModule(L.LightningModule):
         self.skipped: dict[str, int] = {}
         self._restored_skips = False
         self._last_time: float | None = None
-        self._window = {"samples": 0, "tokens": 0}
+        self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
+        self._flops: FlopCounter | None = None  # set at the start of training (the trainable set is final)
+        self._peak_tflops: float | None = None
         self.nonfinite_skipped = 0
 
     # ---- steps ---------------------------------------------------------------------------------------------
@@ -74,6 +76,8 @@ class FVLModule(L.LightningModule):
         self._window["tokens"] += (
             batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
         )
+        if self._flops is not None:
+            self._window["flops"] += self._flops.batch(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if "padding_fraction" in batch:
             self.log("train/padding_fraction", float(batch["padding_fraction"]), rank_zero_only=True)
@@ -104,6 +108,11 @@ class FVLModule(L.LightningModule):
         return sum(self.skipped.values())
 
     def on_train_start(self) -> None:
+        try:  # every rank: counting the tower's FLOPs runs it once (a collective under FSDP)
+            self._flops = FlopCounter.of(self.model, cached_features=bool(self.cfg.data.feature_cache))
+            self._peak_tflops = peak_tflops(self.device)
+        except Exception as e:  # noqa: BLE001 - a metric must never stop training
+            log.warning("train/mfu and train/tflops_per_s are off: counting the model's FLOPs failed: %s", e)
         # Samples a damaged shard lost are found by every rank alike at setup: count them once (and not
         # again when a resumed run restored the totals).
         dm = getattr(self.trainer, "datamodule", None)
@@ -153,8 +162,13 @@ class FVLModule(L.LightningModule):
             world = self.trainer.world_size
             self.log("train/samples_per_s", self._window["samples"] * world / dt, rank_zero_only=True)
             self.log("train/tokens_per_s", self._window["tokens"] * world / dt, rank_zero_only=True)
+            if self._flops is not None:  # model FLOPs (fvl.models.flops): MFU where the card's peak is known
+                tflops = self._window["flops"] * world / dt / 1e12
+                self.log("train/tflops_per_s", tflops, rank_zero_only=True)
+                if self._peak_tflops:
+                    self.log("train/mfu", tflops / (self._peak_tflops * world), rank_zero_only=True)
         self._last_time = now
-        self._window = {"samples": 0, "tokens": 0}
+        self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
         # Every parameter group's LR (stage 1's vision LR differs); train/lr is the projector + LLM group's.
         groups = self.trainer.optimizers[0].param_groups
         for group in groups:
@@ -222,7 +236,6 @@ STAGE_MODULES: Registry[FVLModule] = Registry("stage module")
 STAGE_MODULES.register("default")(FVLModule)
 
 
-def build_module(cfg: ExperimentConfig | DictConfig, init_weights: str | None = None) -> FVLModule:
+def build_module(cfg: ExperimentConfig, init_weights: str | None = None) -> FVLModule:
     """The stage's module (``stage.module``) for ``cfg``, initialised from ``init_weights`` when given."""
-    cfg = as_experiment(cfg)
     return STAGE_MODULES.build(cfg.stage.module, cfg, init_weights)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from fvl.train.config import TrainConfig
+from fvl.config.train import TrainConfig
 
 
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -18,21 +18,22 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 
-from fvl.config import ExperimentConfig, as_experiment, to_yaml
+from fvl.config import ExperimentConfig, to_yaml
 from fvl.data.datamodule import FVLDataModule
 from fvl.data.datamodule import build_datamodule as data_module_of
-from fvl.data.feature_cache import identity_of
+from fvl.data.feature_cache.store import identity_of
 from fvl.data.recipes import resolve_recipe_path
+from fvl.models.check import check as check_model
 from fvl.models.checkpoint import save_checkpoint
-from fvl.runs import is_rank_zero
-from fvl.threads import beside_workers, torch_threads
+from fvl.runs.folder import is_rank_zero
 from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start, save_pair
+from fvl.train.hardware import check_strategy, resolve_hardware, world_size
 from fvl.train.module import FVLModule, build_module
 from fvl.train.strategy import build_strategy, is_sharded
 from fvl.train.timing import StepTimes
 from fvl.train.tracking import TrackingCallback, make_logger
+from fvl.util.threads import beside_workers, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,15 @@ class RunResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def train(cfg: DictConfig | ExperimentConfig, callbacks: list[L.Callback] | None = None) -> RunResult:
-    """Run ``cfg`` (a loaded experiment config) to ``trainer.max_steps`` and return its summary."""
-    exp = as_experiment(cfg)
-    resolve_recipe_path(exp.data.recipe)  # a wrong recipe name fails here, before a run folder or MLflow run
+def train(exp: ExperimentConfig, callbacks: list[L.Callback] | None = None) -> RunResult:
+    """Run ``exp`` (a loaded experiment config) to ``trainer.max_steps`` and return its summary."""
+    check_strategy(exp.trainer)
+    check_model(exp.model)  # wrong names or a token budget that does not fit fail here, before a run folder
+    resolve_recipe_path(exp.data.recipe)  # so does a wrong recipe name
     L.seed_everything(exp.seed, workers=True)
     start = resolve_start(exp)
     with start.run.shared(), cpu_threads(exp):
-        return _run(cfg, exp, start, callbacks or [])
+        return _run(exp, start, callbacks or [])
 
 
 def cpu_threads(cfg: ExperimentConfig):
@@ -67,22 +69,20 @@ def cpu_threads(cfg: ExperimentConfig):
     threads = cfg.trainer.cpu_threads
     if threads == -1:
         threads = beside_workers(cfg.data.num_workers)
-    if threads and cfg.trainer.resolve_hardware()[0] == "cpu":
+    if threads and resolve_hardware(cfg.trainer)[0] == "cpu":
         log.info("%d training thread(s) beside %d loader worker(s)", threads, cfg.data.num_workers)
         return torch_threads(threads)
     return torch_threads(0)
 
 
-def _run(
-    cfg: DictConfig | ExperimentConfig, exp: ExperimentConfig, start: Start, callbacks: list[L.Callback]
-) -> RunResult:
+def _run(exp: ExperimentConfig, start: Start, callbacks: list[L.Callback]) -> RunResult:
     if is_rank_zero():
-        start.run.write_config(to_yaml(cfg if isinstance(cfg, DictConfig) else exp))
+        start.run.write_config(to_yaml(exp))
     log.info("run folder %s", start.run.path)
 
     module = build_module(exp, str(start.init_weights) if start.init_weights else None)
     datamodule = build_datamodule(exp, module)
-    accumulate = exp.gradient_accumulation(exp.trainer.world_size)
+    accumulate = exp.gradient_accumulation(world_size(exp.trainer))
     tracker = TrackingCallback(exp, start, accumulate)
     losses = LossRecorder()
     trainer = build_trainer(exp, start, module, [*build_callbacks(exp, start), tracker, losses, *callbacks])
@@ -161,14 +161,14 @@ def build_trainer(
     cfg: ExperimentConfig, start: Start, module: FVLModule, callbacks: list[L.Callback]
 ) -> L.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with the step-based schedule of ``cfg.train``."""
-    accelerator, devices, precision = cfg.trainer.resolve_hardware()
-    accumulate = cfg.gradient_accumulation(cfg.trainer.world_size)
+    accelerator, devices, precision = resolve_hardware(cfg.trainer)
+    accumulate = cfg.gradient_accumulation(world_size(cfg.trainer))
     periodic_val = cfg.validates and cfg.train.val_every_n_steps > 0
     return L.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=build_strategy(cfg.trainer.strategy, cfg.trainer.world_size),
+        strategy=build_strategy(cfg.trainer.strategy, world_size(cfg.trainer)),
         precision=precision,
         max_steps=cfg.trainer.max_steps,
         max_epochs=-1,

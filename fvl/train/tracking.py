@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import OmegaConf
 
-from fvl.runs import RunDir
-from fvl.tracking import artifact_location, git_commit, tracking_uri
+from fvl.config import to_dict
+from fvl.runs.folder import RunDir
+from fvl.runs.tracking import artifact_location, git_commit, tracking_uri
 from fvl.train.resilient_logger import ResilientMLFlowLogger
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class TrackingCallback(L.Callback):
         if self.start.resumed:
             client.set_tag(run_id, "resumed_from", str(self.start.resume_ckpt))
         else:
-            params = flatten(OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True))  # type: ignore[arg-type]
+            params = flatten(to_dict(self.cfg))
             for component, counts in pl_module.trainable_counts.items():
                 for kind, n in counts.items():
                     params[f"params.{component}.{kind}"] = n

@@ -18,8 +18,8 @@ from fvl.data import sources as sources_mod
 from fvl.data.recipes import RecipeError, SourceConfig, load_recipe
 from fvl.data.shards import build, merge
 from fvl.data.sources import Skip, encode_item, image_bytes, read_items
-from fvl.data.synthetic import GENERATOR_VERSION
 from fvl.data.tarindex import load_index
+from fvl.synthetic import GENERATOR_VERSION
 from tests.fixtures import BAD_CAPTIONS, BAD_LLAVA, GOOD_CAPTIONS, GOOD_LLAVA, write_sources
 
 

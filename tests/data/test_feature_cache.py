@@ -15,13 +15,13 @@ from mlflow.tracking import MlflowClient
 from fvl.cli import main
 from fvl.config import load
 from fvl.data.datamodule import build_datamodule
-from fvl.data.feature_cache import MANIFEST, FeatureCacheError, decode_entry, encode_entry, identity_of
-from fvl.features import build_features
+from fvl.data.feature_cache.build import build_features
+from fvl.data.feature_cache.store import MANIFEST, FeatureCacheError, decode_entry, encode_entry, identity_of
+from fvl.inputs.transform import ImageError
 from fvl.models import build_model, load_checkpoint, set_trainable
-from fvl.models.vision.transform import ImageError
+from fvl.sweep.runner import run_sweep
 from fvl.train.module import MODEL_INPUTS
 from fvl.train.run import train
-from fvl.train.sweep import run_sweep
 from tests.fixtures import EXPERIMENTS, cache_setting
 
 FINETUNE = ["fusion", "projector", "llm"]
@@ -155,7 +155,7 @@ def test_a_cache_of_another_model_stage_or_shards_is_refused(env, tmp_path):
 
 
 def test_a_sample_the_build_could_not_decode_is_skipped_with_its_reason(env, tmp_path, monkeypatch):
-    from fvl.models.processor import Processor
+    from fvl.inputs.processor import Processor
 
     original = Processor.image
     bad = "synthetic_qa-000000003"
@@ -231,7 +231,7 @@ def test_cli_builds_a_cache_and_reports_errors_in_one_line(env, tmp_path, capsys
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_reads_the_cache_and_sweeps_build_it_on_their_own(env, tmp_path):
     """A real finetune run (2 loader workers) with the cache: it trains, logs samples/s, and the tower never
     runs; then a sweep builds and uses a cache for its finetune stage by itself (the tiny preset's random

@@ -1,12 +1,11 @@
 """The fuzz set (``tests/fuzz.py``): at least 1,000 broken samples of 23 kinds mixed with 100 good ones go
 through the shard builder and the training reader. Every bad one ends in a skip counted by reason, every
 good one arrives with its exact conversation (and, for RGB JPEG/PNG, its exact image bytes), and the counts
-add up to what went in. ``FVL_FUZZ_BAD`` (``make reliability``) sets a larger count."""
+add up to what went in. The ``heavy`` tier (``make reliability``) runs 10,000."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pytest
@@ -19,7 +18,6 @@ from fvl.models import build_processor
 from tests.fixtures import tiny_cfg
 from tests.fuzz import BAD_KINDS, write_fuzz_set
 
-N_BAD = int(os.environ.get("FVL_FUZZ_BAD", "1000"))
 N_GOOD = 100
 
 # What each kind of damage is counted as (the builder's reasons, or the reader's for what only tokenising
@@ -37,10 +35,13 @@ REASONS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory):
+@pytest.fixture(
+    scope="module", params=[1000, pytest.param(10000, marks=pytest.mark.heavy)], ids=lambda n: f"{n}_bad"
+)
+def fuzzed(request, tmp_path_factory):
+    n_bad = request.param
     root = tmp_path_factory.mktemp("fuzz")
-    fuzz = write_fuzz_set(root, N_BAD, N_GOOD)
+    fuzz = write_fuzz_set(root, n_bad, N_GOOD)
     manifest = build(load_recipe(fuzz.recipe), root / "shards", workers=2)
     shards = shard_set(root / "shards", manifest)
     reader = ShardReader(Catalog.build(shards.urls, shards.shard_samples), build_processor(tiny_cfg(), "pad"))
@@ -50,6 +51,7 @@ def fuzzed(tmp_path_factory):
         batch = reader[list(range(start, min(start + 64, len(reader))))]
         delivered += batch["ids"]
         read_skips.update({k: v for k, v in batch["skipped"].items() if k != "refilled_batch"})
+    fuzz.n_bad = n_bad
     return fuzz, manifest, reader, delivered, read_skips
 
 
@@ -59,7 +61,7 @@ def test_every_bad_sample_is_a_counted_skip_and_the_counts_add_up(fuzzed):
     built = manifest["sources"]["fuzz"]
     expected = Counter(REASONS[kind] for kind in fuzz.bad_kinds.values())
     assert Counter(built["skipped"]) + read_skips == expected
-    assert sum(built["skipped"].values()) + sum(read_skips.values()) + len(delivered) == N_BAD + N_GOOD
+    assert sum(built["skipped"].values()) + sum(read_skips.values()) + len(delivered) == fuzz.n_bad + N_GOOD
     assert built["written"] == N_GOOD + sum(read_skips.values())
 
 

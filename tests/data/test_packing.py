@@ -4,10 +4,10 @@ samples unpacked."""
 import pytest
 import torch
 
-from fvl.data.collate import collate
 from fvl.data.packing import collate_packed, pack_rows
-from fvl.data.synthetic import generate
+from fvl.inputs.collate import collate
 from fvl.models import build_processor
+from fvl.synthetic import generate
 from tests.fixtures import tiny_cfg
 
 

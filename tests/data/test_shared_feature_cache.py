@@ -12,8 +12,8 @@ import torch
 
 from fvl.config import load
 from fvl.data.datamodule import build_datamodule
-from fvl.data.feature_cache import MANIFEST, FeatureCacheError, FeatureSelection, identity_of
-from fvl.features import build_features, cache_for_stage
+from fvl.data.feature_cache.build import build_features, cache_for_stage
+from fvl.data.feature_cache.store import MANIFEST, FeatureCacheError, FeatureSelection, identity_of
 from fvl.models import build_model, set_trainable
 from tests.fixtures import cache_setting
 
@@ -106,7 +106,6 @@ def test_what_a_cache_cannot_serve_is_refused(env, tmp_path):
     assert FeatureSelection.between(built, identity_of(learned, "pad"), learned.fusion) is None
 
 
-@pytest.mark.slow
 def test_a_first_stage_reads_the_shared_cache_when_its_tower_comes_from_a_folder(env, tmp_path):
     """The sweep's path: ``cache_for_stage`` without a checkpoint builds the cache of the model the config
     builds (tower from ``model.vision.path``), the next variant finds it complete, and a random-init tower

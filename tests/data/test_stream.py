@@ -11,18 +11,18 @@ import pytest
 import torch
 import webdataset as wds
 
-from fvl.config import load
+from fvl.config import load, with_stage
+from fvl.config.data import DataConfig
 from fvl.data import build_datamodule
-from fvl.data.config import DataConfig
 from fvl.data.datamodule import FVLDataModule, ensure_shards
 from fvl.data.plan import EpochBatches, PlanSettings
 from fvl.data.reader import Catalog, PlannedLoader, ShardReader
 from fvl.data.recipes import load_recipe
 from fvl.data.shards import build
 from fvl.data.shardset import hold_out, shard_set
-from fvl.data.synthetic import generate
 from fvl.data.tarindex import write_index
 from fvl.models import build_processor
+from fvl.synthetic import generate
 from tests.fixtures import synthetic_recipe, tiny_cfg
 
 
@@ -69,7 +69,6 @@ def module_for(root, out, processor, rank=0, world=1, **data):
     return dm
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_every_sample_once_per_epoch_whatever_the_workers(processor, shard_dir, world):
     root, out, _ = shard_dir
@@ -190,7 +189,9 @@ def test_datamodule_from_a_config_feeds_the_model(tiny_model, tmp_path):
         [f"data.recipe={tmp_path / 'r.yaml'}", f"data.shards={tmp_path / 's'}", "data.batch_size=4",
          "data.num_workers=0", "data.val_samples=8"],
     )  # fmt: skip
-    dm = build_datamodule(cfg, "finetune")  # no model built; the missing shards are built on setup
+    dm = build_datamodule(
+        with_stage(cfg, "finetune")
+    )  # no model built; the missing shards are built on setup
     dm.setup("fit")
     assert dm.processor.transform.mode == "pad" and dm.val_task == "qa"
     batch = next(iter(dm.train_dataloader()))
@@ -201,7 +202,7 @@ def test_datamodule_from_a_config_feeds_the_model(tiny_model, tmp_path):
     labels = batch["labels"][0][batch["labels"][0] != -100]
     assert tiny_model.tokenizer.decode(labels).endswith("<|end|>")  # supervision is the answer
     # the config's own stage keeps its overrides (here: reading both sources)
-    own = build_datamodule(cfg, cfg.stage)
+    own = build_datamodule(cfg)
     assert own.processor.transform.mode == "square" and own.cfg.sources == []
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from fvl.data.synthetic import CHANCE, KINDS, SPLITS, content_hash, generate, image_hash, split_of
+from fvl.synthetic import CHANCE, KINDS, SPLITS, content_hash, generate, image_hash, split_of
 
 
 def test_synthetic_is_deterministic_and_splits_disjoint():
@@ -36,7 +36,7 @@ def test_synthetic_answers_match_the_pictures():
     """Spot checks that the drawn content is what the answer says."""
     for i in range(50):
         s = generate(i, kinds=("colour",))
-        from fvl.data.synthetic import COLOURS
+        from fvl.synthetic import COLOURS
 
         pixels = set(s.image.getdata())
         assert COLOURS[s.answer] in pixels

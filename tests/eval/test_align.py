@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fvl.config.eval import AlignConfig
+from fvl.config.model import FusionConfig
 from fvl.eval.align import (
     PairFeatures,
     alignment_analysis,
@@ -27,8 +29,6 @@ from fvl.eval.align import (
     split_pairs,
     write_results,
 )
-from fvl.eval.config import AlignConfig
-from fvl.models.config import FusionConfig
 from fvl.models.fusion import build_fusion
 
 AVG = parse_variant("avg=avg_pool:a+b")
@@ -250,7 +250,7 @@ def test_config_validation():
 
 def test_cli_align_prints_the_heldout_summary(tmp_path, monkeypatch, capsys):
     from fvl.cli import main
-    from fvl.cli.commands import AnalysisTarget
+    from fvl.cli.eval import AnalysisTarget
 
     monkeypatch.setattr(AnalysisTarget, "log", lambda self, kind, files: "RUN")  # no MLflow store here
     good = [{"image": f"images/{i}.png", "caption": f"picture {i}"} for i in range(6)]

@@ -118,7 +118,7 @@ def test_download_samples_reads_the_evaluation_json(tmp_path):
 
 
 def test_the_newest_launch_goes_by_the_time_in_its_id():
-    from fvl.train.sweep import new_sweep_id
+    from fvl.sweep.runner import new_sweep_id
 
     assert launch_time(new_sweep_id("my-sweep")).endswith("Z") and launch_time("no-time") == ""
     old, new = "my-sweep-20250101T000000Z-aaaaaa", "my-sweep-20250102T000000Z-000000"

@@ -91,7 +91,7 @@ def run_cli(args, cwd, uri):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fvl_eval_writes_json_and_mlflow_metrics(checkpoint_run):
     c = checkpoint_run
     # a public benchmark's test split (no answers) beside the synthetic one: its submission file is written
@@ -124,7 +124,7 @@ def test_fvl_eval_writes_json_and_mlflow_metrics(checkpoint_run):
     assert "chance" in res.stdout and "docvqa: 3 answers for the submission file" in res.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fvl_chat_answers_once(checkpoint_run, tmp_path):
     c = checkpoint_run
     Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
@@ -148,8 +148,8 @@ def test_fvl_chat_answers_once(checkpoint_run, tmp_path):
 
 
 def test_alignment_analysis_trains_and_scores_each_configuration(tmp_path):
+    from fvl.config.eval import AlignConfig
     from fvl.eval.align import alignment_analysis, parse_variant, write_results
-    from fvl.eval.config import AlignConfig
 
     torch.manual_seed(0)
     model = build_model(load("tiny").model)
@@ -174,8 +174,8 @@ def test_alignment_analysis_trains_and_scores_each_configuration(tmp_path):
 def test_pca_writes_one_panel_per_feature(tmp_path):
     import numpy as np
 
-    from fvl.data.synthetic import generate
     from fvl.eval.pca import feature_pca, pca_panels, write_pca
+    from fvl.synthetic import generate
 
     model = build_model(load("tiny").model)
     image = generate(0, "test").image
@@ -194,7 +194,7 @@ def test_pca_writes_one_panel_per_feature(tmp_path):
     assert np.all(rgb[0] == 0) and rgb[3:5, 3:5].sum() > 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_align_and_pca(tmp_path):
     env_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_cli(["align", "--steps", "20", "--samples", "64", "--batch-size", "32", "--out", str(tmp_path / "a"),

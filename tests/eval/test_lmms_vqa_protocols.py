@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fvl.config.eval import VQA_PROTOCOLS, EvalConfig
 from fvl.eval.benchmarks import load_parquet, score
-from fvl.eval.config import VQA_PROTOCOLS, EvalConfig
 from fvl.eval.evaluate import evaluate
 from fvl.eval.metrics import VQAAccuracy, vqa_score
 

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from fvl.config import load
 from fvl.eval.notebooks import execute
 from fvl.models import build_model
-from fvl.resources import shipped_dir
-from fvl.train.sweep import load_sweep, report, run_sweep
+from fvl.sweep.runner import load_sweep, report, run_sweep
+from fvl.util.resources import shipped_dir
 from tests.fixtures import EXPERIMENTS, synthetic_recipe
 
 NOTEBOOKS_DIR = shipped_dir("notebooks")
@@ -70,7 +70,7 @@ def printed(path) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compare_fusion_notebook_runs_on_a_sweep(sweep_store, tmp_path):
     # what `fvl sweep` does at the end of a sweep that names a notebook: the launch's report
     launch = sweep_store["runs"][0].sweep_id
@@ -97,7 +97,7 @@ def test_compare_fusion_notebook_runs_on_a_sweep(sweep_store, tmp_path):
     assert "- DBFusion is above average pooling: not measured" in shown
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_features_notebook_runs_on_a_checkpoint(sweep_store, tmp_path):
     ckpt = next(r.result.checkpoint for r in sweep_store["runs"] if r.stage == "finetune")
     out = execute(

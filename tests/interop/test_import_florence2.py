@@ -11,8 +11,8 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, Florence2ForConditionalGeneration
 
 from fvl.cli import main
-from fvl.interop import KeyMappingError, import_florence2
-from fvl.interop.florence2 import PROCESSOR_TOKENS
+from fvl.convert import KeyMappingError, import_florence2
+from fvl.convert.florence2 import PROCESSOR_TOKENS
 from fvl.models.vision import build_vision_tower
 from fvl.models.vision.florence2 import davit_tokens
 from tests.fixtures import tiny_cfg

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from fvl.cli import main
-from fvl.interop import KeyMappingError, import_florence_vl
-from fvl.interop.florence_vl import TASK_IDS, prompt_note
+from fvl.convert import KeyMappingError, import_florence_vl
+from fvl.convert.florence_vl import TASK_IDS, prompt_note
 from fvl.models import export, load_checkpoint
 from fvl.models.checkpoint import read_metadata
 from fvl.models.vision.florence2 import TASK_PROMPTS

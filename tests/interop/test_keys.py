@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fvl.interop.keys import KeyMappingError, Rule, convert, grow_rows, tie_groups
+from fvl.convert.keys import KeyMappingError, Rule, convert, grow_rows, tie_groups
 
 
 class Tied(nn.Module):

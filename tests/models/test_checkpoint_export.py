@@ -12,7 +12,7 @@ from transformers import (
     Florence2ForConditionalGeneration,
 )
 
-from fvl.data.collate import Sample, collate
+from fvl.inputs.collate import Sample, collate
 from fvl.models import build_model, export, load_checkpoint, load_exported, save_checkpoint
 from fvl.models.checkpoint import read_metadata
 from tests.fixtures import tiny_cfg, tower_cfg
@@ -99,6 +99,7 @@ def test_export_clip_tower(tmp_path):
         torch.testing.assert_close(load_exported(out).eval()(batch).logits, model(batch).logits)
 
 
+@pytest.mark.e2e
 def test_cli_export(trained_model, tmp_path):
     ckpt = save_checkpoint(trained_model, tmp_path / "m.safetensors")
     res = subprocess.run(

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Florence2ForConditionalGeneration
 
-from fvl.models.config import PromptConfig, plain_dict
-from fvl.models.tiny_assets import tiny_tokenizer_dirs
+from fvl.assets.tiny_tokenizers import tiny_tokenizer_dirs
+from fvl.config.model import PromptConfig, plain_dict
 from fvl.models.vision import build_vision_tower
 from fvl.models.vision.florence2 import TASK_PROMPTS, expand_prompt, random_init_config
 from tests.fixtures import tiny_cfg

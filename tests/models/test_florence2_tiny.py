@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Florence2ForConditionalGeneration
 
-from fvl.data.synthetic import generate
-from fvl.florence2_tiny.build import build, prompt_spread, tokenizer_with_locations
-from fvl.florence2_tiny.config import Florence2TinyConfig
-from fvl.florence2_tiny.tasks import dequantize, iou, parse_regions, quantize, region_text, targets
+from fvl.assets.builtin import BUILTINS, resolve
+from fvl.assets.florence2_tiny.build import build, prompt_spread, tokenizer_with_locations
+from fvl.assets.florence2_tiny.config import Florence2TinyConfig
+from fvl.assets.florence2_tiny.tasks import dequantize, iou, parse_regions, quantize, region_text, targets
 from fvl.models.vision import build_vision_tower
-from fvl.models.vision.builtin import BUILTINS, resolve
+from fvl.synthetic import generate
 from tests.fixtures import tiny_cfg
 
 QUICK = Florence2TinyConfig(steps=40, batch_size=16, lr=3e-3, samples=120, eval_samples=14)
@@ -96,9 +96,8 @@ def test_the_tiny_preset_reads_it_through_model_vision_path(quick_build):
 
 
 def test_encode_is_florence2s_own_and_the_decoder_reads_the_image_tokens_alone(quick_build):
-    from fvl.florence2_tiny.build import TaskBatches, decoder_mask, encode, frozen_davit_states
-    from fvl.models.vision.base import IMAGENET_MEAN, IMAGENET_STD
-    from fvl.models.vision.transform import ImageTransform
+    from fvl.assets.florence2_tiny.build import TaskBatches, decoder_mask, encode, frozen_davit_states
+    from fvl.inputs.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
     out, _ = quick_build
     model = Florence2ForConditionalGeneration.from_pretrained(out).eval()
@@ -153,8 +152,8 @@ def test_cli_builds_into_a_folder_and_refuses_custom_settings_without_one(tmp_pa
 
 
 def test_davit_stays_at_its_initialisation_unless_given_a_learning_rate(quick_build):
-    from fvl.florence2_tiny.build import param_groups
-    from fvl.florence2_tiny.config import tiny_arch
+    from fvl.assets.florence2_tiny.build import param_groups
+    from fvl.assets.florence2_tiny.config import tiny_arch
     from fvl.models.vision.florence2 import random_init_config
 
     out, _ = quick_build

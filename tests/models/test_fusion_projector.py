@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from fvl.config.model import FusionConfig, ProjectorConfig
 from fvl.models import build_model
-from fvl.models.config import FusionConfig, ProjectorConfig
 from fvl.models.fusion import FUSIONS, build_fusion
 from fvl.models.projector import build_projector
 from tests.fixtures import tiny_cfg

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from fvl.bench_images import photo_like
-from fvl.data.collate import Sample, collate
-from fvl.models.vision.transform import MAX_IMAGE_PIXELS, ImageError, ImageTransform, to_rgb
+from fvl.bench.images import photo_like
+from fvl.inputs.collate import Sample, collate
+from fvl.inputs.transform import MAX_IMAGE_PIXELS, ImageError, ImageTransform, to_rgb
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)  # MEAN in 0..255

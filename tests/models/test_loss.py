@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fvl.models.loss as L
-from fvl.data.collate import Sample, collate
+from fvl.inputs.collate import Sample, collate
 from fvl.models import build_model
 from fvl.text.templates import IGNORE_INDEX
 from tests.fixtures import TINY_LLAMA, tiny_cfg
@@ -99,8 +99,8 @@ def test_chunked_gradients_equal_full_gradients(full_vs_chunked):
 
 
 def test_lora_wrapped_llm_chunked_equals_full(monkeypatch):
+    from fvl.config.train import LoraConfig
     from fvl.train.adapters import apply_lora
-    from fvl.train.config import LoraConfig
 
     torch.manual_seed(0)
     model = build_model(tiny_cfg())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fvl.data.collate import Sample, collate
+from fvl.inputs.collate import Sample, collate
 from fvl.models import ImageTokenMismatch, build_model
 from fvl.text.templates import IGNORE_INDEX
 from tests.fixtures import TINY_LLAMA, tiny_cfg

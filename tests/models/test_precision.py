@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fvl import resources
 from fvl.config import load
 from fvl.models import build_model, set_trainable
+from fvl.util import resources
 from tests.fixtures import stage_trainable, tiny_cfg
 from tests.models.test_trainable import one_batch
 

@@ -45,7 +45,7 @@ def test_real_size_processor_without_building_the_model(fusion, tokens):
 def test_tokenised_conversations_are_remembered_without_sharing_their_lists(monkeypatch):
     import dataclasses
 
-    import fvl.models.processor as processor_module
+    import fvl.inputs.processor as processor_module
 
     proc = build_processor(load("tiny").model)
     calls = []

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from fvl import resources
-from fvl.data.collate import Sample, collate
+from fvl.inputs.collate import Sample, collate
 from fvl.models import build_model, set_trainable
+from fvl.util import resources
 from tests.fixtures import stage_trainable, tiny_cfg, tower_cfg
 
 STAGES = resources.names("experiments", "stages")

@@ -10,8 +10,6 @@ is warm).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -141,11 +139,7 @@ def test_compile_keeps_state_dict_keys_and_classes():
     )
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("FVL_INDUCTOR_TEST"),
-    reason="opt-in (a cold inductor build takes minutes on 2 cores): make compile-check",
-)
+@pytest.mark.inductor  # opt-in: a cold inductor build takes minutes on 2 cores (make compile-check)
 def test_config_flag_compiles_with_inductor():
     """The production path: ``model.vision.compile=true`` builds the tower compiled with inductor, frozen
     as stage 2 runs it. (Inductor's backward is left to the aot_eager tests above: building its C++ kernels

@@ -3,7 +3,7 @@ the ids are the rendered conversation tokenised in one go - for every kind of to
 
 import pytest
 
-from fvl.models.config import LLMConfig
+from fvl.config.model import LLMConfig
 from fvl.models.llm import llm_tokenizer_path
 from fvl.text import SupervisionError, TemplateError, get_template, load_tokenizer
 from fvl.text.templates import IGNORE_INDEX, normalize_conversation

@@ -23,7 +23,7 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from fvl.models.config import LLMConfig
+from fvl.config.model import LLMConfig
 from fvl.models.llm import llm_tokenizer_path
 from fvl.text import load_tokenizer
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from fvl.config import load
-from fvl.runs import RunDir
+from fvl.runs.folder import RunDir
 from fvl.train.checkpointing import JOURNAL, commit, recover, resolve_resume
 from fvl.train.run import train
 from tests.fixtures import EXPERIMENTS, synthetic_recipe
@@ -72,6 +72,7 @@ def test_resume_last_says_so_when_the_newest_run_has_no_checkpoint(tmp_path, cap
         resolve_resume("last", tmp_path, "x", "pretrain")
 
 
+@pytest.mark.integration
 def test_a_training_run_writes_each_pair_from_one_step(tmp_path):
     synthetic_recipe(tmp_path / "recipe.yaml", captions=32, qa=8, per_shard=16)
     cfg = load(EXPERIMENTS / "pretrain.yaml", [
@@ -121,6 +122,7 @@ class _Poison:
         self.at, self.before, self.after, self.callback = at, {}, {}, Callback()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["skip", "stop"])
 def test_a_non_finite_loss_never_reaches_the_weights(tmp_path, mode):
     synthetic_recipe(tmp_path / "recipe.yaml", captions=32, qa=8, per_shard=16)

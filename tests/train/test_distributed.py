@@ -59,7 +59,7 @@ def _two_ranks(tmp_path, sharded: bool) -> tuple[dict, dict]:
     return tuple(torch.load(tmp_path / f"grads{rank}.pt", weights_only=True) for rank in (0, 1))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fsdp_with_a_text_only_rank(tmp_path):
     g0, g1 = _two_ranks(tmp_path, sharded=True)
     assert g0.keys() == g1.keys() and any(n.startswith("projector.") for n in g0)
@@ -67,7 +67,7 @@ def test_fsdp_with_a_text_only_rank(tmp_path):
     assert any(g0[n].abs().sum() > 0 for n in g0 if n.startswith("projector."))  # rank 0's image signal
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ddp_with_a_text_only_rank(tmp_path):
     g0, g1 = _two_ranks(tmp_path, sharded=False)
     assert g0.keys() == g1.keys() and any(n.startswith("vision.") for n in g0)

@@ -1,7 +1,7 @@
 """kill -9 a training run at several points - one of them in the middle of a checkpoint's commit - and resume
 it each time with ``resume=last``: it ends at the same step, in one run folder and one MLflow run with no
 step logged twice, its final weights and loss match an uninterrupted run, and no temp file is left.
-``FVL_KILLS`` (``make reliability``) sets more kills."""
+The ``heavy`` tier (``make reliability``) runs it with 15 kills."""
 
 from __future__ import annotations
 
@@ -23,18 +23,16 @@ from safetensors.torch import load_file
 from fvl.train.checkpointing import FAULT_SLEEP, JOURNAL
 from tests.fixtures import EXPERIMENTS, synthetic_recipe
 
-KILLS = int(os.environ.get("FVL_KILLS", "3"))
-STEPS = 8 * KILLS
 EVERY = 4
 
 
-def command(root: Path, name: str, *extra: str) -> list[str]:
+def command(root: Path, name: str, steps: int, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "pretrain.yaml"), f"name={name}",
         f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"output_dir={root / 'runs'}",
         f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "data.batch_size=4", "train.global_batch_size=4",
         "data.val_samples=0", "data.num_workers=0", "trainer.progress=false", "train.log_every_n_steps=1",
-        f"trainer.max_steps={STEPS}", f"train.checkpoint_every_n_steps={EVERY}", "train.warmup_ratio=0", *extra,
+        f"trainer.max_steps={steps}", f"train.checkpoint_every_n_steps={EVERY}", "train.warmup_ratio=0", *extra,
     ]  # fmt: skip
 
 
@@ -71,31 +69,36 @@ def run_until(cmd: list[str], until, env: dict[str, str] | None = None, timeout:
     return False
 
 
-@pytest.mark.slow
-def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.e2e
+@pytest.mark.parametrize("kills", [3, pytest.param(15, marks=pytest.mark.heavy)])
+def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, kills: int):
+    total = kills
+    max_steps = 8 * kills
     synthetic_recipe(tmp_path / "recipe.yaml", captions=64, qa=8, per_shard=16)
     db = tmp_path / "mlflow.db"
-    assert not run_until(command(tmp_path, "whole"), lambda: False)  # the uninterrupted reference
+    assert not run_until(command(tmp_path, "whole", max_steps), lambda: False)  # the uninterrupted reference
 
     rng = random.Random(0)
-    targets = sorted(rng.sample(range(2, STEPS - 1), KILLS - 1))
+    targets = sorted(rng.sample(range(2, max_steps - 1), total - 1))
     kills = 0
     for target in targets:  # kill -9 once the run has logged step ``target`` (wherever it is then)
         extra = ["resume=last"] if kills else []
         kills += run_until(
-            command(tmp_path, "killed", *extra), lambda t=target: logged_step(db, "killed") >= t
+            command(tmp_path, "killed", max_steps, *extra), lambda t=target: logged_step(db, "killed") >= t
         )
     # and once in the middle of a checkpoint's commit: between the renames of its .ckpt and .safetensors
     runs = tmp_path / "runs"
     in_commit = lambda: any(runs.glob(f"killed-*/checkpoints/{JOURNAL}"))  # noqa: E731
-    kills += run_until(command(tmp_path, "killed", "resume=last"), in_commit, env={FAULT_SLEEP: "5"})
-    assert kills == KILLS
-    assert not run_until(command(tmp_path, "killed", "resume=last"), lambda: False)  # to the end
+    kills += run_until(
+        command(tmp_path, "killed", max_steps, "resume=last"), in_commit, env={FAULT_SLEEP: "5"}
+    )
+    assert kills == total
+    assert not run_until(command(tmp_path, "killed", max_steps, "resume=last"), lambda: False)  # to the end
 
     folders = sorted(runs.glob("killed-*"))
     assert len(folders) == 1  # every resume continued the same run folder
     info = json.loads((folders[0] / "run.json").read_text())
-    assert info["steps"] == STEPS
+    assert info["steps"] == max_steps
     checkpoints = folders[0] / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "last.safetensors"]  # no temp files
     client = MlflowClient(f"sqlite:///{db}")
@@ -110,7 +113,7 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(lost) <= 1 and all((s + 1) % EVERY == 0 for s in lost), lost
     assert set(steps) <= {m.step for m in whole}
     # the last steps both runs logged (a lost step may be among the last five)
-    tail = [s for s in range(STEPS - 5, STEPS) if s in set(steps)]
+    tail = [s for s in range(max_steps - 5, max_steps) if s in set(steps)]
     mean = lambda h: sum(m.value for m in h if m.step in tail) / len(tail)  # noqa: E731
     assert tail and mean(history) == pytest.approx(mean(whole), rel=0.02)
     by_step = {m.step: m.value for m in whole}

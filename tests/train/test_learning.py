@@ -3,7 +3,7 @@ the colour, shape, count, OCR and position questions of the synthetic test split
 their chance level, or 0.75 where chance is 0.5 (twice would be 1.0).
 
 About 11 minutes on a 2-core machine (652 s measured from a fresh clone, 2026-11-27), so it is
-opt-in: `make learning-check` (or FVL_LEARNING_TEST=1). Measured results are recorded in BENCHMARKS.md."""
+opt-in: `make learning-check` (the ``learning`` marker). Measured results are recorded in BENCHMARKS.md."""
 
 import json
 import os
@@ -14,10 +14,8 @@ import pytest
 
 from tests.fixtures import EXPERIMENTS
 
-opt_in = pytest.mark.skipif(not os.environ.get("FVL_LEARNING_TEST"), reason="opt-in: make learning-check")
 
-
-@opt_in
+@pytest.mark.learning
 def test_default_pretrain_finetune_eval_clear_the_learning_bar(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fvl.config import load
-from fvl.data.collate import Sample, collate
+from fvl.inputs.collate import Sample, collate
 from fvl.train.module import build_module
 from fvl.train.optim import build_scheduler, parameter_groups
 from tests.fixtures import EXPERIMENTS

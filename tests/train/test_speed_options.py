@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from fvl.config import ConfigError, as_experiment, load
+from fvl.config import ConfigError, load
 from fvl.models import build_model
 from fvl.train.run import cpu_threads
 
@@ -52,11 +52,9 @@ def test_keep_activations_beyond_the_layers_is_an_error():
 def test_cpu_threads_applies_for_the_run_and_is_restored():
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
-    exp = as_experiment(
-        load("tiny", ["trainer.accelerator=cpu", "trainer.cpu_threads=-1", "data.num_workers=1"])
-    )
+    exp = load("tiny", ["trainer.accelerator=cpu", "trainer.cpu_threads=-1", "data.num_workers=1"])
     with cpu_threads(exp):
         assert torch.get_num_threads() == max(1, cores - 1)
     assert torch.get_num_threads() == before
-    with cpu_threads(as_experiment(load("tiny", ["trainer.accelerator=cpu", "trainer.cpu_threads=0"]))):
+    with cpu_threads(load("tiny", ["trainer.accelerator=cpu", "trainer.cpu_threads=0"])):
         assert torch.get_num_threads() == before  # 0: torch's default, untouched

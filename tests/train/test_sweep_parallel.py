@@ -10,7 +10,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from fvl.config import ConfigError
-from fvl.train.sweep import _point_result, grid_points, load_sweep
+from fvl.sweep.runner import _point_result, grid_points, load_sweep
 from tests.fixtures import EXPERIMENTS
 
 

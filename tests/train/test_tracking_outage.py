@@ -44,7 +44,7 @@ class LockStore(L.Callback):
             locked.wait()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_goes_on_through_a_locked_store_and_every_metric_arrives(tmp_path, caplog):
     """MLflow's SQLite store waits 20 s on a lock before it raises: a 24 s lock is an outage."""
     synthetic_recipe(tmp_path / "recipe.yaml", captions=64, qa=8, per_shard=32)

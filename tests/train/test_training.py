@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fvl.config import ConfigError, as_experiment, load
+from fvl.config import ConfigError, load
+from fvl.sweep.runner import run_sweep
 from fvl.train.run import train
-from fvl.train.sweep import run_sweep
 from tests.fixtures import EXPERIMENTS, synthetic_recipe
 
 
@@ -49,7 +49,6 @@ def pretrain_run(env):
     )
 
 
-@pytest.mark.slow
 def test_pretrain_lowers_the_loss_and_is_tracked(env, pretrain_run):
     r = pretrain_run
     assert r.steps == 40 and r.last_loss < r.first_loss
@@ -66,8 +65,11 @@ def test_pretrain_lowers_the_loss_and_is_tracked(env, pretrain_run):
     history = client.get_metric_history(r.mlflow_run_id, "train/loss")
     assert len(history) >= 30
     for metric in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s", "val/loss",
-                   "train/padding_fraction", "train/skipped_samples"):  # fmt: skip
+                   "train/padding_fraction", "train/skipped_samples", "train/tflops_per_s"):  # fmt: skip
         assert client.get_metric_history(r.mlflow_run_id, metric), metric
+    # model FLOPs per second beside samples/s (MFU needs a known card's peak: none on a CPU)
+    assert all(m.value > 0 for m in client.get_metric_history(r.mlflow_run_id, "train/tflops_per_s"))
+    assert not client.get_metric_history(r.mlflow_run_id, "train/mfu")
     # the step-time breakdown: its parts are positive and the image path lies inside forward + backward
     times = {m: client.get_metric_history(r.mlflow_run_id, f"time/{m}_ms")[-1].value
              for m in ("data_wait", "vision", "forward_backward", "optimizer")}  # fmt: skip
@@ -80,15 +82,16 @@ def test_pretrain_lowers_the_loss_and_is_tracked(env, pretrain_run):
     assert load(local).model.text.template == "plain"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_finetune_from_pretrain_lowers_the_loss_and_records_its_origin(env, pretrain_run):
-    from fvl.train.checkpointing import resolve_init
+    from fvl.runs.weights import Weights, find_weights
 
-    by_run_id = resolve_init(f"mlflow:{pretrain_run.mlflow_run_id}", "unused", tracking=env["uri"])
-    assert by_run_id == (pretrain_run.best_checkpoint.resolve(), pretrain_run.mlflow_run_id)
-    assert resolve_init("latest", str(env["root"] / "runs"), "pretrain")[0] == pretrain_run.best_checkpoint
-    by_folder = resolve_init(str(pretrain_run.run_dir), "unused")
-    assert by_folder == (pretrain_run.best_checkpoint, pretrain_run.mlflow_run_id)
+    by_run_id = find_weights(f"mlflow:{pretrain_run.mlflow_run_id}", "unused", tracking_uri=env["uri"])
+    assert by_run_id == Weights(pretrain_run.best_checkpoint.resolve(), pretrain_run.mlflow_run_id)
+    latest = find_weights("latest", str(env["root"] / "runs"), "pretrain")
+    assert latest.path == pretrain_run.best_checkpoint
+    by_folder = find_weights(str(pretrain_run.run_dir), "unused")
+    assert by_folder == Weights(pretrain_run.best_checkpoint, pretrain_run.mlflow_run_id)
     steps = ["trainer.max_steps=30", "train.lr=1e-3", "train.val_every_n_steps=0"]
     r = train(cfg_for(env, "finetune.yaml", *steps, f"init_from=mlflow:{pretrain_run.mlflow_run_id}"))
     assert r.last_loss < r.first_loss
@@ -123,7 +126,7 @@ class _LRs(L.Callback):
         self.by_step[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resume_continues_at_the_same_step_and_lr(env):
     base = ["trainer.max_steps=8", "train.warmup_ratio=0.25", "data.val_samples=0", "name=resume"]
     straight = _LRs()
@@ -163,7 +166,7 @@ class _CrashAt(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resume_continues_the_data_stream(env):
     """Stopped mid-epoch, crashed after an epoch boundary, resumed with another worker count: the run reads
     exactly the batches of an uninterrupted run, nothing replayed, nothing skipped."""
@@ -199,7 +202,7 @@ def _corrupt_planned_samples(env, per_rank):
     samples whose bytes are damaged; returns the copy's folder."""
     import shutil
 
-    from fvl.data.config import DataConfig
+    from fvl.config.data import DataConfig
     from fvl.data.datamodule import ensure_shards
     from fvl.data.plan import EpochBatches, PlanSettings
     from fvl.data.reader import Catalog
@@ -222,7 +225,7 @@ def _corrupt_planned_samples(env, per_rank):
     return folder
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_process_ddp_on_cpu(env):
     damaged = _corrupt_planned_samples(env, per_rank=[1, 2])
     cmd = [
@@ -259,7 +262,7 @@ def test_two_process_ddp_on_cpu(env):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
     """FSDP2 over two gloo processes, stage 2 with the real presets' precision (float32 trainable, bf16
     frozen tower, bf16-mixed), fused AdamW and partial activation checkpointing: one run folder, sharded periodic checkpoints, one consolidated safetensors
@@ -302,7 +305,7 @@ def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_of_two_runs_lands_two_tagged_runs_and_survives_a_failure(env, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     exp = EXPERIMENTS
@@ -334,7 +337,7 @@ def test_sweep_of_two_runs_lands_two_tagged_runs_and_survives_a_failure(env, tmp
 
 
 def test_the_launch_id_is_no_part_of_the_config_a_rerun_compares():
-    from fvl.train.sweep import comparable_config, new_sweep_id
+    from fvl.sweep.runner import comparable_config, new_sweep_id
 
     first, second = new_sweep_id("s"), new_sweep_id("s")
     assert first != second and first.startswith("s-")
@@ -349,7 +352,7 @@ def test_the_launch_id_is_no_part_of_the_config_a_rerun_compares():
 def test_a_failed_evaluation_leaves_the_sweep_s_training_run_ok(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import fvl.train.sweep as sweep_module
+    import fvl.sweep.runner as sweep_module
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"sweep: e\nstages: [{EXPERIMENTS / 'pretrain.yaml'}]\neval: {{samples: 10}}\n")
@@ -365,7 +368,7 @@ def test_a_failed_evaluation_leaves_the_sweep_s_training_run_ok(tmp_path, monkey
 
 
 def test_gradient_accumulation_from_global_batch():
-    cfg = as_experiment(load("pretrain", ["train.global_batch_size=256", "data.batch_size=8"]))
+    cfg = load("pretrain", ["train.global_batch_size=256", "data.batch_size=8"])
     assert cfg.gradient_accumulation(4) == 8
     cfg.train.global_batch_size = 100
     with pytest.raises(ValueError, match="not a multiple"):
@@ -381,7 +384,6 @@ def test_gradient_accumulation_from_global_batch():
         (["train.optimizer=sgd"], "train.optimizer"),
         (["train.lr=fast"], "train.lr"),
         (["trainer.devices=two"], "trainer.devices='two'"),
-        (["trainer.strategy=fsdpp"], "trainer.strategy='fsdpp'"),
         (["trainer.precision=bf17"], "trainer.precision"),
         (["train.val_every_n_steps=-1"], "train.val_every_n_steps=-1"),
         (["train.checkpoint_every_n_steps=-5"], "train.checkpoint_every_n_steps"),
@@ -391,6 +393,15 @@ def test_gradient_accumulation_from_global_batch():
 def test_training_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load(EXPERIMENTS / "pretrain.yaml", overrides)
+
+
+def test_a_strategy_lightning_does_not_know_is_refused_before_a_run_folder(tmp_path):
+    from fvl.train.run import train
+
+    cfg = load(EXPERIMENTS / "pretrain.yaml", ["trainer.strategy=fsdpp", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="trainer.strategy='fsdpp'"):
+        train(cfg)
+    assert not any(tmp_path.iterdir())
 
 
 def test_fsdp_wraps_the_repeated_layers():
@@ -405,7 +416,7 @@ def test_fsdp_wraps_the_repeated_layers():
     assert build_strategy("ddp") == "ddp"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_torchrun_ranks_write_one_run_folder(env):
     """torchrun starts every rank on its own: rank 0 decides the run folder and the others receive it."""
     cmd = [

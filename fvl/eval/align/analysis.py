@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fvl.config.eval import AlignConfig
+from fvl.config.model import FusionConfig
 from fvl.eval.align.metrics import (
     contrastive_loss,
     derangement,
@@ -23,8 +25,6 @@ from fvl.eval.align.metrics import (
     split_pairs,
 )
 from fvl.eval.align.pairs import PairFeatures, encode_pairs
-from fvl.eval.config import AlignConfig
-from fvl.models.config import FusionConfig
 from fvl.models.fusion import build_fusion
 
 METRICS = ("heldout_loss", "retrieval_top1", "matched_vs_shuffled")
@@ -40,10 +40,10 @@ class AlignVariant:
 def parse_variant(spec: str) -> AlignVariant:
     """``LABEL=FUSION:feat+feat`` (e.g. ``-ocr=dbfusion:davit+caption+grounding``) or a fusion YAML file."""
     if spec.endswith((".yaml", ".yml")):
-        from omegaconf import OmegaConf
+        from fvl.config import read_yaml
 
-        f = OmegaConf.load(spec).model.fusion
-        return AlignVariant(Path(spec).stem, f.name, list(f.features))
+        f = read_yaml(spec)["model"]["fusion"]
+        return AlignVariant(Path(spec).stem, f["name"], list(f["features"]))
     label, _, rest = spec.partition("=")
     fusion, _, feats = rest.partition(":")
     if not label or not fusion or not feats:

@@ -81,7 +81,7 @@ def _smoothed(values: list[float], k: int) -> tuple[list[int], list[float]]:
 
 
 def _plot(result: AlignResult, path: Path, smooth: int) -> None:
-    from fvl.extras import pyplot
+    from fvl.util.extras import pyplot
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fvl.data.synthetic import generate
-from fvl.eval.config import AlignConfig
-from fvl.models.vision.transform import ImageError, ImageTransform
+from fvl.config.eval import AlignConfig
+from fvl.inputs.transform import ImageError, ImageTransform
+from fvl.synthetic import generate
 
 DATA_SEED = 0  # synthetic pairs: the same data for every run seed, so seeds differ only in split, init, order
 FEATURE_BATCH = 64  # images per forward pass of the frozen tower and LLM

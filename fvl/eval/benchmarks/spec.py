@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fvl.eval.benchmarks.sample import EvalSample
-from fvl.registry import Registry
+from fvl.util.registry import Registry
 
 
 @dataclass

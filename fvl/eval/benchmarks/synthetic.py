@@ -7,9 +7,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from fvl.data.synthetic import CHANCE, generate
 from fvl.eval.benchmarks.sample import Benchmark, EvalSample
 from fvl.eval.benchmarks.spec import BenchmarkSpec, Row
+from fvl.synthetic import CHANCE, generate
 
 
 def normalize_short(text: str) -> str:

@@ -3,13 +3,13 @@
 
 from collections.abc import Mapping
 
-from fvl.models.config import FusionConfig
+from fvl.config.model import FusionConfig
 from fvl.models.fusion.avg_pool import AveragePoolFusion
 from fvl.models.fusion.base import Fusion
 from fvl.models.fusion.dbfusion import ChannelConcatFusion
 from fvl.models.fusion.single_layer import SingleLayerFusion
 from fvl.models.fusion.token_concat import TokenConcatFusion
-from fvl.registry import Registry
+from fvl.util.registry import Registry
 
 FUSIONS: Registry[Fusion] = Registry("fusion")
 FUSIONS.register("dbfusion")(ChannelConcatFusion)

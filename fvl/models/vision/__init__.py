@@ -1,12 +1,12 @@
 """Vision towers, chosen by ``model.vision.name``. Add one: a file with a ``VisionTower`` subclass and one
 ``VISION_TOWERS.register`` line here."""
 
-from fvl.models.config import VisionConfig
+from fvl.config.model import VisionConfig
+from fvl.inputs.transform import ImageTransform
 from fvl.models.vision.base import VisionTower
 from fvl.models.vision.florence2 import Florence2Tower
 from fvl.models.vision.hf_vit import CLIPTower, SiglipTower
-from fvl.models.vision.transform import ImageTransform
-from fvl.registry import Registry
+from fvl.util.registry import Registry
 
 VISION_TOWERS: Registry[VisionTower] = Registry("vision tower")
 VISION_TOWERS.register("florence2")(Florence2Tower)

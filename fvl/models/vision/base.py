@@ -10,11 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fvl.models.config import VisionConfig
-from fvl.models.vision.transform import ImageTransform
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fvl.config.model import VisionConfig
+from fvl.inputs.transform import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,7 +117,7 @@ class VisionTower(nn.Module, ABC):
 
 def read_image_stats(path: str | Path | None, default_mean, default_std) -> tuple[tuple, tuple]:
     """Mean/std from a pretrained folder's ``preprocessor_config.json`` when it has one."""
-    from fvl.models.vision.builtin import resolve
+    from fvl.assets.builtin import resolve
 
     path = resolve(str(path)) if path is not None else None
     if path is not None:
@@ -135,7 +132,7 @@ def read_image_stats(path: str | Path | None, default_mean, default_std) -> tupl
 def require_local_dir(path: str | None, key: str, what: str) -> Path:
     """The local folder of a pretrained model (``builtin:NAME``: fvl's own, built on first use), with a clear
     error for the most common mistake: a pretrained model without a local folder."""
-    from fvl.models.vision.builtin import resolve
+    from fvl.assets.builtin import resolve
 
     path = resolve(path)
     if not path:

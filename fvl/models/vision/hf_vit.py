@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from fvl.models.config import VisionConfig, check_arch_keys, plain_dict
+from fvl.config.model import VisionConfig, check_arch_keys, plain_dict
 from fvl.models.vision.base import DTYPES, VisionTower, require_local_dir
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -21,7 +21,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from fvl.eval.config import EvalConfig
+from fvl.config.eval import EvalConfig
 from fvl.eval.evaluate import generate_answers
 from fvl.integrations.lmms_eval.requests import (
     DEFAULT_MAX_NEW_TOKENS,
