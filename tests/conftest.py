@@ -33,7 +33,7 @@ from tests.fixtures import tiny_cfg  # noqa: E402
 TIERS = ("integration", "e2e")
 OPT_IN = ("learning", "inductor", "gpu", "heavy")
 # Fixtures that train (they run before a test's own guard could see them): a test using one takes its tier.
-FIXTURE_TIERS = {"pretrain_run": "integration", "quick_build": "integration", "shared_runs": "integration"}
+FIXTURE_TIERS = {"pretrain_run": "integration", "quick_build": "integration", "tiny_runs": "integration"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -83,3 +83,49 @@ def tiny_model():
 
     torch.manual_seed(0)
     return build_model(tiny_cfg()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny pretrain run and one finetune run from it (real ``train`` calls, a private MLflow store),
+    built once for the whole session, xdist workers included, and shared by the tests that need trained
+    checkpoints in run folders (evaluation, chat, export, the features notebook). Read-only for its users:
+    ``{"root", "uri", "pretrain": {...}, "finetune": {...}}`` with each run's ``run_dir``, ``checkpoint``,
+    ``mlflow_run_id``."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_runs"
+    done = root / "runs.json"
+    with FileLock(str(root) + ".lock"):
+        if not done.exists():
+            done.write_text(json.dumps(_train_tiny_runs(root)))
+    return json.loads(done.read_text())
+
+
+def _train_tiny_runs(root) -> dict:
+    from fvl.config import load
+    from fvl.train.run import train
+    from tests.fixtures import EXPERIMENTS, synthetic_recipe
+
+    root.mkdir(parents=True, exist_ok=True)
+    synthetic_recipe(root / "recipe.yaml", captions=48, qa=48, per_shard=24)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    common = [
+        f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"output_dir={root / 'runs'}",
+        f"tracking.uri={uri}", "data.batch_size=4", "train.global_batch_size=4", "data.val_samples=0",
+        "data.num_workers=0", "trainer.progress=false", "trainer.max_steps=6", "train.lr=1e-3",
+        "train.warmup_ratio=0", "name=tiny",
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    runs = {}
+    for stage, extra in (("pretrain", []), ("finetune", ["init_from=latest"])):
+        r = train(load(EXPERIMENTS / f"{stage}.yaml", [*common, *extra]))
+        runs[stage] = {
+            "run_dir": str(r.run_dir),
+            "checkpoint": str(r.checkpoint),
+            "mlflow_run_id": r.mlflow_run_id,
+        }
+    return {"root": str(root), "uri": uri, **runs}

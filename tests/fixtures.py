@@ -188,3 +188,12 @@ def cache_setting(root: Path, captions: int, qa: int, per_shard: int):
     checkpoint = save_checkpoint(model, root / "init.safetensors")
     build_datamodule(load("finetune", base)).setup()  # builds the shards
     return base, model, checkpoint
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now, for a rendezvous (tests side by side never share one)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -26,8 +26,9 @@ from collections.abc import Callable
 import torch
 from transformers import Florence2ForConditionalGeneration
 
+from fvl.assets.florence2_arch import FLORENCE2_ARCHS, random_init_config
 from fvl.config.model import VisionConfig, plain_dict
-from fvl.models.vision.florence2 import FLORENCE2_ARCHS, Florence2Tower, random_init_config
+from fvl.models.vision.florence2 import Florence2Tower
 
 
 def bench_archs() -> dict[str, dict]:

@@ -100,6 +100,7 @@ def test_every_command_has_a_generated_parser_with_help():
         assert field_docs(cls), name
 
 
+@pytest.mark.integration  # a whole benchmark step
 def test_bench_step_smoke_on_the_tiny_preset(capsys, tmp_path):
     import json
 

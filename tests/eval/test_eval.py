@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +18,7 @@ from PIL import Image
 from fvl.config import load
 from fvl.eval.benchmarks import synthetic
 from fvl.eval.evaluate import evaluate
-from fvl.models import build_model, save_checkpoint
+from fvl.models import build_model
 
 
 class Oracle:
@@ -59,24 +60,13 @@ def test_synthetic_benchmark_scores_per_skill_against_chance():
     )
 
 
-@pytest.fixture(scope="module")
-def checkpoint_run(tmp_path_factory):
-    """A tiny checkpoint inside a run folder whose run.json points at an MLflow run in a private store."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("evalrun")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.tracking.MlflowClient(uri)
-    exp = client.create_experiment("fvl", artifact_location=root.as_uri())
-    run_id = client.create_run(exp).info.run_id
-    run_dir = root / "runs" / "tiny-finetune-x"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "run.json").write_text(
-        json.dumps({"stage": "finetune", "name": "tiny", "mlflow_run_id": run_id, "started": "1"})
-    )
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(build_model(load("tiny").model), run_dir / "checkpoints" / "last.safetensors")
-    return {"root": root, "uri": uri, "run_id": run_id, "ckpt": ckpt}
+@pytest.fixture
+def checkpoint_run(tiny_runs):
+    """The session's tiny finetune run: a trained checkpoint in a run folder whose run.json points at its
+    MLflow run in a private store (``fvl eval latest`` finds it from the folder above)."""
+    run = tiny_runs["finetune"]
+    return {"root": Path(tiny_runs["root"]), "uri": tiny_runs["uri"], "run_id": run["mlflow_run_id"],
+            "ckpt": Path(run["checkpoint"])}  # fmt: skip
 
 
 def run_cli(args, cwd, uri):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Florence2ForConditionalGeneration
 
+from fvl.assets.florence2_arch import TASK_PROMPTS, expand_prompt, random_init_config
 from fvl.assets.tiny_tokenizers import tiny_tokenizer_dirs
 from fvl.config.model import PromptConfig, plain_dict
 from fvl.models.vision import build_vision_tower
-from fvl.models.vision.florence2 import TASK_PROMPTS, expand_prompt, random_init_config
 from tests.fixtures import tiny_cfg
 
 
@@ -116,6 +116,6 @@ def test_token_count_follows_resolution():
     # the paper's 576 tokens at 768 px with Florence-2's default strides (no weights needed for the arithmetic)
     from transformers import Florence2VisionConfig
 
-    from fvl.models.vision.florence2 import davit_tokens
+    from fvl.assets.florence2_arch import davit_tokens
 
     assert davit_tokens(Florence2VisionConfig(), 768) == 576

@@ -93,14 +93,17 @@ def check_training(eager, compiled) -> None:
         torch.testing.assert_close(got[name], grad, **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.integration  # torch.compile (aot_eager): seconds each
 def test_florence2_compiled_features_equal_eager_and_compile_once():
     check_frozen(*tower_pair(tiny_cfg().vision, "aot_eager"))
 
 
+@pytest.mark.integration  # torch.compile (aot_eager): seconds each
 def test_florence2_compiled_tower_trains():
     check_training(*tower_pair(tiny_cfg().vision, "aot_eager"))
 
 
+@pytest.mark.integration  # torch.compile (aot_eager): seconds each
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_vit_compiled_features_equal_eager_and_train(tower):
     eager, compiled = tower_pair(tower_cfg(tower).vision, "aot_eager")

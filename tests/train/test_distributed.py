@@ -3,7 +3,6 @@ images on the other still give every rank the same graph (a zero-weighted blank 
 gradient all-reduce and FSDP's collectives work."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fvl.models import build_model, set_trainable
-from tests.fixtures import stage_trainable, tiny_cfg
+from tests.fixtures import free_port, stage_trainable, tiny_cfg
 from tests.models.test_trainable import one_batch
 
 
@@ -52,10 +51,7 @@ def _worker(rank: int, world: int, port: int, out: str, sharded: bool) -> None:
 
 def _two_ranks(tmp_path, sharded: bool) -> tuple[dict, dict]:
     """Run ``_worker`` on two gloo processes (rank 1 text-only); each rank's gradients after backward."""
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path), sharded), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), sharded), nprocs=2, join=True)
     return tuple(torch.load(tmp_path / f"grads{rank}.pt", weights_only=True) for rank in (0, 1))
 
 

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from fvl.config import ConfigError, load
 from fvl.sweep.runner import run_sweep
 from fvl.train.run import train
-from tests.fixtures import EXPERIMENTS, synthetic_recipe
+from tests.fixtures import EXPERIMENTS, free_port, synthetic_recipe
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +420,7 @@ def test_fsdp_wraps_the_repeated_layers():
 def test_torchrun_ranks_write_one_run_folder(env):
     """torchrun starts every rank on its own: rank 0 decides the run folder and the others receive it."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29671",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
         "-m", "fvl.cli", "train", str(EXPERIMENTS / "pretrain.yaml"), *env["overrides"], "trainer.accelerator=cpu",
         "trainer.devices=2", "trainer.strategy=ddp", "train.global_batch_size=16", "trainer.max_steps=2",
         "data.val_samples=0", "name=torchrun",

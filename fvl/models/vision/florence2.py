@@ -33,13 +33,7 @@ from transformers import (
 )
 from transformers.models.florence2.modeling_florence2 import Florence2VisionBlock
 
-from fvl.assets.florence2_arch import (  # noqa: F401  (re-exported: the tower's spec)
-    FLORENCE2_ARCHS,
-    TASK_PROMPTS,
-    davit_tokens,
-    expand_prompt,
-    random_init_config,
-)
+from fvl.assets.florence2_arch import davit_tokens, expand_prompt, random_init_config
 from fvl.config.model import VisionConfig, plain_dict
 from fvl.models.vision.base import DTYPES, VisionTower, require_local_dir
 

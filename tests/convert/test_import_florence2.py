@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, Florence2ForConditionalGeneration
 
+from fvl.assets.florence2_arch import davit_tokens
 from fvl.cli import main
 from fvl.convert import KeyMappingError, import_florence2
 from fvl.convert.florence2 import PROCESSOR_TOKENS
 from fvl.models.vision import build_vision_tower
-from fvl.models.vision.florence2 import davit_tokens
+from tests.convert.layouts import FLORENCE_VOCAB, native_florence2, write_remote_florence2
 from tests.fixtures import tiny_cfg
-from tests.interop.layouts import FLORENCE_VOCAB, native_florence2, write_remote_florence2
 
 VOCAB_TABLES = (
     "model.language_model.shared.weight",

@@ -3,10 +3,10 @@ timing is asserted), and its published sizes are the presets'."""
 
 import pytest
 
+from fvl.assets.florence2_arch import FLORENCE2_ARCHS
 from fvl.bench.features import bench_archs, bench_features, summary
 from fvl.config import load
 from fvl.config.model import plain_dict
-from fvl.models.vision.florence2 import FLORENCE2_ARCHS
 
 
 def test_tiny_run_reports_both_ways_and_they_agree():

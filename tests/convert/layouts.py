@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, Florence2ForConditionalGeneration, Phi3Config, Phi3ForCausalLM
 
+from fvl.assets.florence2_arch import random_init_config
 from fvl.assets.tiny_tokenizers import tiny_tokenizer_dirs
 from fvl.config.model import plain_dict
 from fvl.convert.florence2 import PROCESSOR_TOKENS
-from fvl.models.vision.florence2 import random_init_config
 from tests.fixtures import tiny_cfg
 
 REMOTE_CODE = "raise RuntimeError('remote code was executed')\n"

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+from fvl.assets.florence2_arch import TASK_PROMPTS
 from fvl.cli import main
 from fvl.convert import KeyMappingError, import_florence_vl
 from fvl.convert.florence_vl import TASK_IDS, prompt_note
 from fvl.models import export, load_checkpoint
 from fvl.models.checkpoint import read_metadata
-from fvl.models.vision.florence2 import TASK_PROMPTS
-from tests.interop.layouts import dual_mlp, florence_tokenizer, native_florence2, tiny_phi3, write_florence_vl
+from tests.convert.layouts import dual_mlp, florence_tokenizer, native_florence2, tiny_phi3, write_florence_vl
 
 THEIR_TASKS = ("<DETAILED_CAPTION>", "<OCR>", "<DENSE_REGION_CAPTION>")  # florence_encoder.py's order
 

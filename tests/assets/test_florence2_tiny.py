@@ -152,9 +152,9 @@ def test_cli_builds_into_a_folder_and_refuses_custom_settings_without_one(tmp_pa
 
 
 def test_davit_stays_at_its_initialisation_unless_given_a_learning_rate(quick_build):
+    from fvl.assets.florence2_arch import random_init_config
     from fvl.assets.florence2_tiny.build import param_groups
     from fvl.assets.florence2_tiny.config import tiny_arch
-    from fvl.models.vision.florence2 import random_init_config
 
     out, _ = quick_build
     torch.manual_seed(QUICK.seed)  # what build() does before creating the model
