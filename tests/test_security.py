@@ -69,7 +69,8 @@ def test_trust_remote_code_is_passed_through_with_a_warning(tmp_path, monkeypatc
     from transformers import AutoModelForCausalLM
 
     from fvl.config import load
-    from fvl.models import build_model, export
+    from fvl.convert import export
+    from fvl.models import build_model
     from fvl.models.llm import build_llm
 
     export(build_model(load("tiny").model), tmp_path / "exported")

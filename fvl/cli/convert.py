@@ -83,7 +83,7 @@ class ExportArgs:
 
 
 def export(args: ExportArgs) -> int:
-    from fvl.models import export as export_model
+    from fvl.convert import export as export_model
     from fvl.models import load_for_inference
 
     out = export_model(load_for_inference(args.checkpoint, args.runs), args.out)

@@ -3,7 +3,7 @@
 Public API (stable): ``build_model``, ``FlorenceVL`` (``.vision.features(pixel_values)``,
 ``.encode_images(pixel_values)``, ``forward(batch)``, ``generate(images, prompts)``, ``.processor``),
 ``build_processor`` (the data side's tokenizer + template + image transform, without a model),
-``set_trainable``, ``save_checkpoint`` / ``load_checkpoint``, ``export`` / ``load_exported``,
+``set_trainable``, ``save_checkpoint`` / ``load_checkpoint``,
 ``load_for_inference`` (a file, a run folder or ``latest``).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from fvl.config.model import ModelConfig
 from fvl.inputs.processor import Processor
 from fvl.models.check import check
-from fvl.models.checkpoint import export, load_checkpoint, load_exported, model_config, save_checkpoint
+from fvl.models.checkpoint import load_checkpoint, model_config, save_checkpoint
 from fvl.models.florence_vl import FlorenceVL, ImageTokenMismatch
 from fvl.models.freeze import set_trainable
 from fvl.models.loading import load_for_inference, load_model_weights
@@ -37,9 +37,7 @@ __all__ = [
     "build_model",
     "check",
     "build_processor",
-    "export",
     "load_checkpoint",
-    "load_exported",
     "load_for_inference",
     "load_model_weights",
     "save_checkpoint",

@@ -12,8 +12,9 @@ from transformers import (
     Florence2ForConditionalGeneration,
 )
 
+from fvl.convert import export, load_exported
 from fvl.inputs.collate import Sample, collate
-from fvl.models import build_model, export, load_checkpoint, load_exported, save_checkpoint
+from fvl.models import build_model, load_checkpoint, save_checkpoint
 from fvl.models.checkpoint import read_metadata
 from tests.fixtures import tiny_cfg, tower_cfg
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, Florence2ForConditionalGeneration
 
-from fvl.models import build_model, export, load_exported
+from fvl.convert import export, load_exported
+from fvl.models import build_model
 from tests.fixtures import tower_cfg
 
 
@@ -118,7 +119,7 @@ def test_readme_inference_snippet_runs_on_an_exported_folder(exported, tmp_path,
     import torch
     from PIL import Image
 
-    from fvl.models import load_exported
+    from fvl.convert import load_exported
 
     model = load_exported("exported").eval()  # the folder `fvl export CKPT exported` wrote
     model.to("cuda" if torch.cuda.is_available() else "cpu")

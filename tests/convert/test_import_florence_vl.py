@@ -17,9 +17,9 @@ from transformers import AutoTokenizer
 
 from fvl.assets.florence2_arch import TASK_PROMPTS
 from fvl.cli import main
-from fvl.convert import KeyMappingError, import_florence_vl
+from fvl.convert import KeyMappingError, export, import_florence_vl
 from fvl.convert.florence_vl import TASK_IDS, prompt_note
-from fvl.models import export, load_checkpoint
+from fvl.models import load_checkpoint
 from fvl.models.checkpoint import read_metadata
 from tests.convert.layouts import dual_mlp, florence_tokenizer, native_florence2, tiny_phi3, write_florence_vl
 

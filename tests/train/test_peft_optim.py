@@ -141,7 +141,8 @@ def test_cosine_schedule_with_warmup():
 
 def _roundtrip(module, tmp_path):
     """Save the LoRA model, load it back as a plain model, compare logits; then export and init_from."""
-    from fvl.models import export, load_checkpoint, load_exported, save_checkpoint
+    from fvl.convert import export, load_exported
+    from fvl.models import load_checkpoint, save_checkpoint
     from fvl.models.checkpoint import read_metadata
 
     model = module.model.eval()

@@ -25,8 +25,8 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 def load_model(checkpoint: str | Path, runs: str | Path = "runs"):
     """The fvl model of ``checkpoint`` in eval mode: a folder written by ``fvl export`` (it holds
     ``fvl_config.yaml``), else whatever ``fvl eval`` takes (a weights file, a run folder, ``latest``)."""
-    from fvl.models import load_exported, load_for_inference
-    from fvl.models.checkpoint import CONFIG_FILE
+    from fvl.convert.export import CONFIG_FILE, load_exported
+    from fvl.models import load_for_inference
 
     path = Path(checkpoint)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
