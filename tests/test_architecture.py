@@ -8,6 +8,7 @@ Layers, bottom to top; packages on one line are siblings and import none of each
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -212,3 +213,9 @@ def test_loading_a_config_imports_neither_torch_nor_transformers_nor_model_code(
     loaded = modules_after("import fvl.config as c; c.to_yaml(c.load('florence_vl_3b', ['stage=finetune']))")
     assert {m.split(".")[0] for m in loaded} & {"torch", "transformers", "lightning"} == set()
     assert [m for m in loaded if m.startswith("fvl.") and not m.startswith(("fvl.config", "fvl.util"))] == []
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith("__main__")))
+def test_every_module_imports(module):
+    """A name moved or removed fails here, in the unit tier, not first in a subprocess of the e2e tier."""
+    importlib.import_module(module)

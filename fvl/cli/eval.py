@@ -3,12 +3,13 @@ checkpoints."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fvl.cli.args import POSITIONAL as _POS
 from fvl.config.eval import AlignConfig, EvalConfig, PCAConfig
-from fvl.runs.tracking import DEFAULT_EXPERIMENT
+from fvl.config.tracking import DEFAULT_EXPERIMENT
 
 ALIGN_VARIANTS = ("dbfusion", "minus_davit", "minus_caption", "minus_ocr", "minus_grounding", "davit_only")
 
@@ -33,8 +34,8 @@ class EvalArgs:
 
 
 def evaluate(args: EvalArgs) -> int:
+    from fvl.config.tracking import TrackingConfig
     from fvl.eval.evaluate import evaluate_checkpoint, print_results
-    from fvl.runs.tracking import TrackingConfig
 
     tracking = TrackingConfig(experiment=args.experiment) if args.experiment else None
     report = evaluate_checkpoint(
@@ -42,8 +43,11 @@ def evaluate(args: EvalArgs) -> int:
     )
     for result in report.results:
         print_results(result)
-    print(f"results: {', '.join(str(p) for p in report.paths)}; MLflow run {report.mlflow_run_id}")
-    return 0
+    if report.results:
+        print(f"results: {', '.join(str(p) for p in report.paths)}; MLflow run {report.mlflow_run_id}")
+    for bench, why in report.failures.items():  # each failed alone; the others' results are kept above
+        print(f"fvl eval: {bench} failed: {why}", file=sys.stderr)
+    return 1 if report.failures else 0
 
 
 @dataclass
@@ -117,7 +121,8 @@ class AnalysisTarget:
         return load_for_inference(self.model, self.runs)
 
     def log(self, kind: str, files: list[Path]) -> str:
-        from fvl.runs.tracking import TrackingConfig, analysis_run
+        from fvl.config.tracking import TrackingConfig
+        from fvl.runs.tracking import analysis_run
 
         return analysis_run(kind, files, {"model": self.model}, TrackingConfig(experiment=self.experiment))
 

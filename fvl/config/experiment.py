@@ -78,9 +78,19 @@ class ExperimentConfig:
         """Micro batches per optimizer step so that ``train.global_batch_size`` holds on ``world_size`` devices."""
         per_step = self.data.batch_size * world_size
         if self.train.global_batch_size % per_step:
+            fits = [
+                b
+                for b in range(self.data.batch_size, 0, -1)
+                if self.train.global_batch_size % (b * world_size) == 0
+            ]
+            hint = (
+                f"set data.batch_size={fits[0]} (the largest micro batch that fits)"
+                if fits
+                else (f"use a train.global_batch_size that is a multiple of {world_size}")
+            )
             raise ValueError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
-                f"data.batch_size={self.data.batch_size} x {world_size} device(s): change one of them"
+                f"data.batch_size={self.data.batch_size} x {world_size} device(s): {hint}"
             )
         return self.train.global_batch_size // per_step
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
+LOSS_NORMALIZATIONS = ("step_tokens", "micro_batch")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -50,6 +51,12 @@ class TrainConfig:
     log_every_n_steps: how often metrics go to MLflow.
     val_every_n_steps: validation interval in optimizer steps (0: only at the end).
     checkpoint_every_n_steps: write ``last`` every this many steps (0: only at the end).
+    loss_normalization: how an optimizer step weighs its tokens. ``step_tokens`` (default): the step's loss
+      and gradient are the mean over every supervised token of all its micro batches on all ranks, the
+      loss of one big batch whatever the micro batch, accumulation and world size (the supervised tokens are
+      counted before the step: one all-reduce of an integer). ``micro_batch``: each micro batch's own mean,
+      averaged over micro batches and ranks (LLaVA's and the authors' rule: a token in a short micro batch
+      weighs more; use it to match LLaVA-era runs).
     nonfinite_loss: a micro batch whose loss is NaN or infinite (on any rank): ``skip`` it (no backward, so
       it never reaches the weights; counted as ``train/nonfinite_skipped`` with a warning) | ``stop`` the run
       with an error. The check costs one host sync per micro batch.
@@ -67,9 +74,14 @@ class TrainConfig:
     log_every_n_steps: int = 10
     val_every_n_steps: int = 0
     checkpoint_every_n_steps: int = 0
+    loss_normalization: str = "step_tokens"
     nonfinite_loss: str = "skip"
 
     def __post_init__(self) -> None:
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"train.loss_normalization={self.loss_normalization!r}: expected one of {', '.join(LOSS_NORMALIZATIONS)}"
+            )
         if self.nonfinite_loss not in ("skip", "stop"):
             raise ValueError(f"train.nonfinite_loss={self.nonfinite_loss!r}: expected skip or stop")
         if self.optimizer not in OPTIMIZERS:

@@ -139,6 +139,9 @@ class FVLDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.processor = processor
         self.val_task = val_task
+        # Micro batches per optimizer step (the trainer's gradient accumulation): the loader counts each
+        # step's supervised tokens ahead (``step_supervised``) for the loss of one big batch.
+        self.step_batches = 1
         self.seed = seed
         self.feature_identity = feature_identity
         self.fusion = fusion
@@ -236,6 +239,7 @@ class FVLDataModule(L.LightningDataModule):
             ShardReader(self.train_catalog, self.processor, pack=pack, features=self.train_features),
             plan,
             num_workers=self.cfg.num_workers,
+            step_batches=self.step_batches,
             pin_memory=torch.cuda.is_available(),
         )
         return self._train_loader

@@ -13,11 +13,12 @@ bad is refilled from the samples after it (deterministically, so a resume reads 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tarfile
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from fvl.data.packing import collate_packed
 from fvl.data.plan import EpochBatches, Sources
 from fvl.data.sources import SKIP_REASONS, Skip
 from fvl.data.tarindex import SPAN, load_index, parse_sample
-from fvl.inputs.collate import Sample, collate
+from fvl.inputs.collate import IGNORE_INDEX, Sample, collate
 from fvl.inputs.processor import Processor
 from fvl.inputs.transform import ImageError
 from fvl.text.templates import TemplateError
@@ -260,9 +261,9 @@ def batch_of(
     batch["skipped"] = dict(skipped)
     tokens = sum(len(s.input_ids) for s in samples)
     batch["num_tokens"] = tokens
-    batch["tokens_squared"] = sum(
-        len(s.input_ids) ** 2 for s in samples
-    )  # attention's FLOPs (fvl.models.flops)
+    batch["tokens_squared"] = sum(len(s.input_ids) ** 2 for s in samples)  # attention's FLOPs (models.flops)
+    # the positions the loss supervises, as it shifts them (position t predicts label t+1)
+    batch["num_supervised"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     batch["padding_fraction"] = 1.0 - tokens / max(1, batch["input_ids"].numel())
     return batch
 
@@ -278,7 +279,9 @@ class PlannedLoader(DataLoader):
     reads the batches the interrupted one had not trained on, none twice. The training loop reports each
     batch it trains on with ``trained()`` (the DataModule does, as the batch enters its step)."""
 
-    def __init__(self, reader: ShardReader, plan: EpochBatches, num_workers: int = 0, **kw) -> None:
+    def __init__(
+        self, reader: ShardReader, plan: EpochBatches, num_workers: int = 0, step_batches: int = 1, **kw
+    ) -> None:
         super().__init__(
             reader,
             sampler=plan,
@@ -289,6 +292,22 @@ class PlannedLoader(DataLoader):
             **kw,
         )
         self.plan = plan
+        self.step_batches = step_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The plan's micro batches, each told ``step_supervised``: the supervised tokens of all the micro
+        batches of its optimizer step on this rank (``step_batches`` of them from the epoch's start, as the
+        trainer accumulates; the last step of an epoch may hold fewer). Reads ``step_batches`` ahead to count
+        them; the position still advances only as a batch is trained (``trained``)."""
+        batches = super().__iter__()
+        while True:
+            group = list(itertools.islice(batches, self.step_batches))
+            if not group:
+                return
+            total = sum(b["num_supervised"] for b in group)
+            for b in group:
+                b["step_supervised"] = total
+                yield b
 
     def trained(self) -> None:
         self.plan.advance()

@@ -40,7 +40,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -54,6 +53,7 @@ from fvl.data.recipes import Recipe, ShardSettings, SourceConfig
 from fvl.data.sources import Skip, encode_item, read_items
 from fvl.data.tarindex import write_index
 from fvl.synthetic import GENERATOR_VERSION
+from fvl.util.files import write_text_atomic
 
 MANIFEST = "manifest.json"
 # Bump whenever what a task writes changes (sample layout, image encoding, sidecars), so that shards of an
@@ -258,10 +258,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _encode_into(

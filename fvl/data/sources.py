@@ -20,7 +20,7 @@ import itertools
 import json
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import ijson
@@ -107,15 +107,27 @@ def _first_char(f: Any) -> bytes:
 
 
 def safe_image_path(image_root: str | None, relative: Any) -> Path:
-    """The image file under ``image_root``. The path *as written in the annotation* must stay under the root
-    (not absolute, no ``..`` part); symlinks inside the root are followed wherever they point, since the
-    dataset folders are usually linked in (``images/coco -> /datasets/coco``) by whoever set up the root."""
+    """The image file under ``image_root``. The path *as written in the annotation* must stay under the root:
+    not absolute, and its ``..`` parts (resolved as text, before any link is followed) never climbing above
+    the root (``sub/../sub/a.jpg`` stays inside; ``sub/../../a.jpg`` does not). Symlinks inside the root are
+    followed wherever they point, since the dataset folders are usually linked in
+    (``images/coco -> /datasets/coco``) by whoever set up the root."""
     if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
         raise Skip("bad_image_path", repr(relative))
-    rel = Path(relative)
-    if rel.is_absolute() or ".." in rel.parts:
+    rel = PurePosixPath(relative.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(relative).drive:
         raise Skip("bad_image_path", relative)
-    return Path(image_root or ".") / rel
+    parts: list[str] = []
+    for part in rel.parts:
+        if part == "..":
+            if not parts:
+                raise Skip("bad_image_path", relative)
+            parts.pop()
+        elif part != ".":
+            parts.append(part)
+    if not parts:
+        raise Skip("bad_image_path", relative)
+    return Path(image_root or ".").joinpath(*parts)
 
 
 def load_image_bytes(path: Path) -> tuple[bytes, str]:

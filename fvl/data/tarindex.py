@@ -15,11 +15,12 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
+
+from fvl.util.files import temp_beside
 
 INDEX_SUFFIX = ".idx.npy"
 BLOCK = 512
@@ -80,8 +81,8 @@ def write_index(tar_path: str | Path) -> Path:
     """Scan a finished tar and write its spans beside it (atomically); returns the sidecar's path."""
     target = index_path(tar_path)
     spans = scan(tar_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npy", dir=target.parent)
-    with os.fdopen(fd, "wb") as f:
+    tmp = temp_beside(target, suffix=".npy")
+    with open(tmp, "wb") as f:
         np.save(f, spans, allow_pickle=False)
     os.replace(tmp, target)
     return target

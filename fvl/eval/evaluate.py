@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import Any
 import torch
 
 from fvl.config.eval import EvalConfig
+from fvl.config.tracking import TrackingConfig
 from fvl.eval.benchmarks import Benchmark, EvalSample, Scored, resolve_benchmark
 from fvl.models.loading import load_weights_file
 from fvl.runs.folder import RunDir
-from fvl.runs.tracking import TrackingConfig, experiment_id, tracking_uri
+from fvl.runs.tracking import experiment_id, tracking_uri
 from fvl.runs.weights import find_weights
+from fvl.util.files import temp_beside, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +96,16 @@ def evaluate(
     tokens = max_new_tokens or spec.max_new_tokens
     predictions: list[str] = []
     with Progress(disable=not progress) as bar:
-        task = bar.add_task(f"eval {bench.name}", total=len(bench.samples))
+        task = bar.add_task(f"eval {bench.result_name}", total=len(bench.samples))
         for start in range(0, len(bench.samples), batch_size):
             chunk = bench.samples[start : start + batch_size]
             predictions += _answers(model, chunk, tokens)
             bar.advance(task, len(chunk))
     settings = {
-        "lmms_eval_task": spec.task, "lmms_eval_version": LMMS_EVAL_VERSION, "split": spec.split,
+        "lmms_eval_task": bench.task, "lmms_eval_version": LMMS_EVAL_VERSION, "split": bench.split,
         "max_new_tokens": tokens, "batch_size": batch_size, "samples": len(bench.samples), **options,
     }  # fmt: skip
-    result = EvalResult(bench.name, spec.metric, {}, {}, dict(bench.chance), settings=settings)
+    result = EvalResult(bench.result_name, spec.metric, {}, {}, dict(bench.chance), settings=settings)
     if agreement:
         result.agreement = batch_agreement(model, bench.samples[:agreement], predictions, tokens, batch_size)
     if not bench.labelled:
@@ -150,6 +153,7 @@ class EvalReport:
     results: list[EvalResult]
     paths: list[Path]
     mlflow_run_id: str
+    failures: dict[str, str] = field(default_factory=dict)  # benchmark -> what went wrong
 
 
 def evaluate_checkpoint(
@@ -170,20 +174,28 @@ def evaluate_checkpoint(
     run = RunDir.of(checkpoint)
     folder = Path(out) if out else run.eval_dir if run else checkpoint.parent / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    results, paths = [], []
+    results, paths, failures = [], [], {}
     for bench_spec in cfg.bench:
-        bench = resolve_benchmark(bench_spec, cfg.samples, cfg.limit)
-        result = evaluate(
-            model, bench, cfg.batch_size, cfg.max_new_tokens, progress, cfg.protocol(), cfg.agreement
-        )
-        result.settings.update(device=device, dtype=dtype)
-        path = folder / f"{bench.name}.json"
-        path.write_text(json.dumps(result.to_json(), indent=1))
+        # One benchmark that fails (a missing folder, a writer that refuses an answer) fails alone: the
+        # others still run, and each one's results are on disk as soon as it finishes.
+        try:
+            bench = resolve_benchmark(bench_spec, cfg.samples, cfg.limit)
+            result = evaluate(
+                model, bench, cfg.batch_size, cfg.max_new_tokens, progress, cfg.protocol(), cfg.agreement
+            )
+            result.settings.update(device=device, dtype=dtype)
+            written = [folder / f"{bench.result_name}.json"]
+            write_text_atomic(written[0], json.dumps(result.to_json(), indent=1))
+            if result.submission:
+                written.append(write_submission(bench, result, folder / "submissions"))
+        except Exception as e:  # noqa: BLE001 - reported with the others at the end
+            log.error("%s failed: %s: %s", bench_spec, type(e).__name__, e)
+            failures[bench_spec] = f"{type(e).__name__}: {e}"
+            continue
         results.append(result)
-        paths.append(path)
-        if result.submission:
-            paths.append(write_submission(bench, result, folder / "submissions"))
-    return EvalReport(checkpoint, results, paths, log_to_mlflow(results, checkpoint, paths, tracking))
+        paths += written
+    run_id = log_to_mlflow(results, checkpoint, paths, tracking) if results else ""
+    return EvalReport(checkpoint, results, paths, run_id, failures)
 
 
 def write_submission(bench: Benchmark, result: EvalResult, folder: Path) -> Path:
@@ -192,9 +204,13 @@ def write_submission(bench: Benchmark, result: EvalResult, folder: Path) -> Path
         raise ValueError(
             f"{bench.name}: this split has no answers and the benchmark has no submission format"
         )
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / bench.spec.submission.filename
-    bench.spec.submission.write(result.submission, path)
+    tmp = temp_beside(path, suffix=path.suffix)  # the writer picks its format by the suffix (.xlsx)
+    try:  # never a half-written file where the server's file should be
+        bench.spec.submission.write(result.submission, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

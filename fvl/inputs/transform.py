@@ -59,11 +59,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # By the bit depth, never by the image's own maximum (a dark 16-bit image stays dark): 16-bit values
+        # / 257 (65535 -> 255). 32-bit "I" has no depth of its own: values above 255 are taken as 16-bit.
         arr = np.asarray(image, dtype=np.float64)
-        peak = arr.max() if arr.size and arr.max() > 255 else 255.0
-        image = Image.fromarray(
-            (arr * (255.0 / max(peak, 1.0))).round().clip(0, 255).astype(np.uint8), mode="L"
-        )
+        sixteen = image.mode != "I" or (arr.size and arr.max() > 255)
+        arr = arr / 257.0 if sixteen else arr
+        image = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):

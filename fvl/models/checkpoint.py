@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from safetensors.torch import load_model, save_file, save_model
 from fvl.config import dump_yaml, typed
 from fvl.config.model import ModelConfig
 from fvl.models.florence_vl import FlorenceVL
+from fvl.util.files import temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,7 @@ def config_yaml(cfg: ModelConfig) -> str:
 
 
 def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    return temp_beside(path)
 
 
 def save_checkpoint(

@@ -154,8 +154,9 @@ class FlorenceVL(nn.Module):
         """Training forward: ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and optionally
         ``pixel_values`` (all images of the batch, in placeholder order; ``uint8`` or normalised float) or their
         fused features ``image_features`` (from a feature cache, ``fvl.data.feature_cache.store``), and
-        ``position_ids`` (packed batches: they restart at each sample). Returns the LLM output; ``.loss`` is
-        the mean over supervised tokens, computed as ``model.llm.loss`` says (``fvl.models.loss``): with
+        ``position_ids`` (packed batches: they restart at each sample), ``num_items_in_batch`` (the loss is
+        then the sum over supervised tokens divided by it: a whole step's count). Returns the LLM output;
+        ``.loss`` is otherwise the mean over supervised tokens, computed as ``model.llm.loss`` says (``fvl.models.loss``): with
         ``chunked`` or ``fused`` the full logits are never built and ``.logits`` is None."""
         embeds = self.embed(
             batch["input_ids"],
@@ -170,6 +171,7 @@ class FlorenceVL(nn.Module):
             batch.get("labels"),
             position_ids=batch.get("position_ids"),
             mode=self.cfg.llm.loss,
+            num_items_in_batch=batch.get("num_items_in_batch"),
         )
 
     # ---- inference -----------------------------------------------------------------------------------------

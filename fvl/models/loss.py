@@ -152,8 +152,10 @@ def chunked_cross_entropy(
     head: nn.Module,
     transform: LogitTransform = LogitTransform(),
     chunk_tokens: int | None = None,
+    num_items: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``[N, H]``, ``[N]``, all supervised),
+    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``[N, H]``, ``[N]``, all supervised), or
+    their sum divided by ``num_items`` when given (a step's supervised tokens over all its micro batches),
     ``chunk_tokens`` rows at a time (default: ``CHUNK_LOGITS // vocabulary``). Each chunk runs under
     activation checkpointing: its logits are freed after its loss and recomputed, one chunk at a time, in
     the backward."""
@@ -166,7 +168,7 @@ def chunked_cross_entropy(
             total = total + checkpoint(_chunk_loss_sum, h, y, head, transform, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(h, y, head, transform)
-    return total / targets.numel()
+    return total / (targets.numel() if num_items is None else num_items)
 
 
 def _out_features(head: nn.Module) -> int:
@@ -198,8 +200,9 @@ def fused_cross_entropy(
     targets: torch.Tensor,
     head: nn.Module,
     transform: LogitTransform = LogitTransform(),
+    num_items: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy with liger-kernel's fused linear cross-entropy (its Triton kernels run on CUDA
+    """Mean cross-entropy (the sum over ``num_items`` when given) with liger-kernel's fused linear cross-entropy (its Triton kernels run on CUDA
     only): the kernel reads the head's weight and bias directly, so the head must be a plain ``nn.Linear``
     (no LoRA on it, not quantised; ``chunked`` handles those) whose weight is materialised here (not a
     DeepSpeed ZeRO-3 partition; FSDP2 unshards the root's parameters for its forward)."""
@@ -216,8 +219,10 @@ def fused_cross_entropy(
     if transform.scale != 1.0:  # (h W^T + b) s == (s h) W^T + s b
         hidden = hidden * transform.scale
         bias = None if bias is None else bias * transform.scale
-    loss_fn = loss_cls(ignore_index=IGNORE_INDEX, reduction="mean", softcap=transform.softcap)
-    return loss_fn(head.weight, hidden, targets, bias)
+    reduction = "mean" if num_items is None else "sum"
+    loss_fn = loss_cls(ignore_index=IGNORE_INDEX, reduction=reduction, softcap=transform.softcap)
+    loss = loss_fn(head.weight, hidden, targets, bias)
+    return loss if num_items is None else loss / num_items
 
 
 def causal_lm_loss(
@@ -228,11 +233,15 @@ def causal_lm_loss(
     position_ids: torch.Tensor | None = None,
     mode: str = "auto",
     chunk_tokens: int | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
 ) -> CausalLMOutputWithPast:
     """The LLM's training output for ``inputs_embeds``: what ``llm(..., labels=labels, use_cache=False)``
     returns with ``full`` (and whenever ``labels`` is None), else ``.loss`` computed without the full
     logits (``.logits`` is None). ``llm`` is a transformers causal LM, possibly peft-wrapped; ``mode`` is
-    resolved by ``resolve_loss_mode``; ``chunk_tokens`` overrides ``chunked``'s chunk size."""
+    resolved by ``resolve_loss_mode``; ``chunk_tokens`` overrides ``chunked``'s chunk size.
+    ``num_items_in_batch``: the loss is the sum over this batch's supervised tokens divided by it (the
+    count of a whole optimizer step, as transformers' Trainer passes it), not their mean: a micro batch
+    without supervised tokens then adds 0 instead of NaN."""
     # No KV cache in a training forward: transformers would otherwise build one from ``config.use_cache``,
     # and with a cache it skips detecting packed rows from ``position_ids`` (no attention mask), so packed
     # samples would attend to each other under SDPA / eager attention.
@@ -247,6 +256,8 @@ def causal_lm_loss(
     mode = resolve_loss_mode(
         mode, inputs_embeds.device, B * T * _vocab_size(causal_lm), is_plain_linear(head)
     )
+    if num_items_in_batch is not None and mode == "full":
+        extra["num_items_in_batch"] = num_items_in_batch
     if mode == "full":
         return llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **extra)
     decoder, head = _decoder_and_head(causal_lm)
@@ -254,10 +265,11 @@ def causal_lm_loss(
     hidden, targets = supervised_targets(out.last_hidden_state, labels)
     transform = logit_transform(causal_lm)
     if targets.numel() == 0:
-        # transformers' mean over no tokens is NaN; keep that (and a graph, so backward still runs).
-        loss = hidden.sum().float() * math.nan
+        # transformers' mean over no tokens is NaN (keep that, with a graph so backward still runs); a sum
+        # over a step's count adds nothing.
+        loss = hidden.sum().float() * (math.nan if num_items_in_batch is None else 0.0)
     elif mode == "fused":
-        loss = fused_cross_entropy(hidden, targets, head, transform)
+        loss = fused_cross_entropy(hidden, targets, head, transform, num_items_in_batch)
     else:
-        loss = chunked_cross_entropy(hidden, targets, head, transform, chunk_tokens)
+        loss = chunked_cross_entropy(hidden, targets, head, transform, chunk_tokens, num_items_in_batch)
     return CausalLMOutputWithPast(loss=loss, logits=None)

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-from fvl.config.tracking import DEFAULT_EXPERIMENT, TrackingConfig
+from fvl.config.tracking import TrackingConfig
 
 DEFAULT_DIR = "mlruns"
 

@@ -45,7 +45,9 @@ def find_weights(
             run = RunDir.latest(output_dir, stage=stage) if stage else RunDir.latest(output_dir)
         except FileNotFoundError:
             what = f"{stage} run" if stage else "run"
-            raise FileNotFoundError(f"{key}=latest: no {what} under {output_dir}/ - train one first") from None
+            raise FileNotFoundError(
+                f"{key}=latest: no {what} under {output_dir}/ - train one first"
+            ) from None
         return Weights(run.model_weights(), run.mlflow_run_id)
     if spec.startswith("mlflow:"):
         from mlflow.tracking import MlflowClient

@@ -400,6 +400,8 @@ def evaluate_run(checkpoint: Path, cfg, evaluation: EvalConfig) -> dict[str, flo
     from fvl.eval.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint, evaluation, tracking=cfg.tracking, progress=False)
+    if report.failures:
+        raise RuntimeError(f"evaluation of {checkpoint} failed: {report.failures}")
     result = report.results[0]
     return {"score": result.aggregate["score"], **{g: v["score"] for g, v in result.groups.items()}}
 

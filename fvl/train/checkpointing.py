@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from fvl.runs.folder import RunDir
 from fvl.runs.tracking import tracking_uri
 from fvl.runs.weights import find_weights
 from fvl.train.strategy import is_sharded
+from fvl.util.files import temp_beside
 
 if TYPE_CHECKING:
     from fvl.config import ExperimentConfig
@@ -116,9 +116,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
+        tmp = str(temp_beside(path))
         try:
             _atomic_save(checkpoint, tmp)
             if self._deferred is not None:

@@ -58,6 +58,13 @@ class FVLModule(L.LightningModule):
         self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
         self._flops: FlopCounter | None = None  # set at the start of training (the trainable set is final)
         self._peak_tflops: float | None = None
+        # The optimizer step being accumulated: its supervised tokens over all ranks (token-weighted loss),
+        # the loss parts of its micro batches so far, and the finished step's loss (``train/loss``).
+        self._step_items: torch.Tensor | None = None
+        self._step_parts: list[torch.Tensor] = []
+        self.step_loss: torch.Tensor | None = None
+        self._warned_unweighted = False
+        self._stop_at_step_end = False
         self.nonfinite_skipped = 0
 
     # ---- steps ---------------------------------------------------------------------------------------------
@@ -68,9 +75,18 @@ class FVLModule(L.LightningModule):
         # Counts arrive as Python numbers computed on the loader's side: no host sync per step.
         for reason, count in batch.get("skipped", {}).items():
             self._skipped[STREAM_SKIP_REASONS.index(reason)] += count
-        loss = self.model(self._model_inputs(batch)).loss
+        inputs = self._model_inputs(batch)
+        weighted = self._token_weighted(batch)
+        if weighted:
+            if batch_idx % self.trainer.accumulate_grad_batches == 0 or self._step_items is None:
+                # the step's supervised tokens on every rank: one all-reduce of a number per step
+                self._step_items = self._sum_over_ranks(float(batch["step_supervised"]))
+            inputs["num_items_in_batch"] = self._step_items
+        loss = self.model(inputs).loss
         if not self._finite_everywhere(loss):
-            return self._skip_nonfinite(batch_idx)
+            skipped = self._skip_nonfinite(batch_idx)
+            self._end_of_step(batch_idx)
+            return skipped
         n = batch["input_ids"].shape[0]
         self._window["samples"] += n
         self._window["tokens"] += (
@@ -78,10 +94,54 @@ class FVLModule(L.LightningModule):
         )
         if self._flops is not None:
             self._window["flops"] += self._flops.batch(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self._step_parts.append(loss.detach())
+        self._end_of_step(batch_idx)
         if "padding_fraction" in batch:
             self.log("train/padding_fraction", float(batch["padding_fraction"]), rank_zero_only=True)
+        if weighted:
+            # Lightning divides by the accumulation and DDP / FSDP average over ranks: undo both, so the step's
+            # gradient is the sum over all its tokens divided by their count
+            return loss * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
         return loss
+
+    def _token_weighted(self, batch: dict) -> bool:
+        if self.cfg.train.loss_normalization != "step_tokens":
+            return False
+        if "step_supervised" not in batch:
+            if not self._warned_unweighted:
+                log.warning(
+                    "train.loss_normalization=step_tokens: this loader does not count each step's supervised "
+                    "tokens (step_supervised); each micro batch's own mean is used instead"
+                )
+                self._warned_unweighted = True
+            return False
+        return True
+
+    def _sum_over_ranks(self, value: float) -> torch.Tensor:
+        total = torch.tensor(value, dtype=torch.float32, device=self.device)
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        return total
+
+    def _end_of_step(self, batch_idx: int) -> None:
+        """At the step's last micro batch: ``step_loss``, the step's loss over all ranks (token-weighted: the
+        sum of the parts; per micro batch: their mean), logged as ``train/loss``."""
+        if not self._at_step_end(batch_idx):
+            return
+        parts = torch.stack(self._step_parts) if self._step_parts else torch.zeros(1, device=self.device)
+        weighted = self._step_items is not None
+        if weighted:  # each part is (its tokens' loss sum) / (the step's tokens on all ranks): add them all
+            value = parts.sum()
+            if self.trainer.world_size > 1:
+                value = self.trainer.strategy.reduce(value, reduce_op="sum")
+        else:
+            value = parts.mean()
+            if self.trainer.world_size > 1:
+                value = self.trainer.strategy.reduce(value, reduce_op="mean")
+        self.step_loss = value.detach().float()
+        self.log("train/loss", self.step_loss, prog_bar=True, rank_zero_only=True)
+        self._step_parts = []
+        self._step_items = None
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (ranks must agree, or DDP waits forever for a backward
@@ -152,10 +212,23 @@ class FVLModule(L.LightningModule):
         self.nonfinite_skipped = int(checkpoint.get("fvl_nonfinite_skipped", 0))
         self._restored_skips = "fvl_skipped" in checkpoint
 
+    def _at_step_end(self, batch_idx: int) -> bool:
+        """Whether micro batch ``batch_idx`` ends an optimizer step (the epoch's last one ends its step too)."""
+        return (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or (
+            batch_idx + 1 >= self.trainer.num_training_batches
+        )
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Throughput per optimizer step, over the whole world (samples / tokens per second).
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+        # A stop asked for inside an accumulation (a time limit, a callback setting ``should_stop``; the
+        # callbacks' hooks run before this one) waits for the step's end: a checkpoint then never holds half
+        # a step, whose accumulated gradient it could not keep, and a resume repeats the uninterrupted run.
+        if not self._at_step_end(batch_idx):
+            if self.trainer.should_stop:
+                self.trainer.should_stop, self._stop_at_step_end = False, True
             return
+        if self._stop_at_step_end:
+            self.trainer.should_stop, self._stop_at_step_end = True, False
+        # Throughput per optimizer step, over the whole world (samples / tokens per second).
         now = time.perf_counter()
         if self._last_time is not None:
             dt = now - self._last_time

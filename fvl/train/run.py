@@ -83,6 +83,7 @@ def _run(exp: ExperimentConfig, start: Start, callbacks: list[L.Callback]) -> Ru
     module = build_module(exp, str(start.init_weights) if start.init_weights else None)
     datamodule = build_datamodule(exp, module)
     accumulate = exp.gradient_accumulation(world_size(exp.trainer))
+    datamodule.step_batches = accumulate
     tracker = TrackingCallback(exp, start, accumulate)
     losses = LossRecorder()
     trainer = build_trainer(exp, start, module, [*build_callbacks(exp, start), tracker, losses, *callbacks])
@@ -246,8 +247,9 @@ def save_final_weights(trainer: L.Trainer, module: FVLModule, path: Path) -> Non
 
 
 class LossRecorder(L.Callback):
-    """Keeps the first and the last ``window`` per-batch training losses on the device (no host sync per
-    step) for the closing summary."""
+    """Keeps the first and the last ``window`` optimizer steps' losses (``FVLModule.step_loss``: the loss of the
+    whole step over all ranks, what ``train/loss`` logs) on the device, without a host sync per step, for the
+    closing summary."""
 
     def __init__(self, window: int = 10) -> None:
         self.first: list[torch.Tensor] = []
@@ -255,10 +257,10 @@ class LossRecorder(L.Callback):
         self.window = window
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # none: a skipped micro batch
+        loss = getattr(pl_module, "step_loss", None)  # set at a step's last micro batch
         if loss is None:
             return
-        loss = loss.detach().float()
+        pl_module.step_loss = None
         if len(self.first) < self.window:
             self.first.append(loss)
         self.last.append(loss)

@@ -188,3 +188,15 @@ def test_load_returns_the_typed_config_and_round_trips_through_yaml():
     assert changed.seed == 7 and cfg.seed == 0
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         with_overrides(cfg, ["data.batch_size=3", "train.global_batch_size=8"])
+
+
+@pytest.mark.parametrize(
+    "world, fits", [(32, "data.batch_size=8"), (64, "data.batch_size=4"), (128, "data.batch_size=2")]
+)
+def test_a_global_batch_that_the_gpus_cannot_split_names_the_micro_batch_that_fits(world, fits):
+    cfg = load("florence_vl_8b_finetune")
+    if world == 32:
+        assert cfg.gradient_accumulation(world) == 1
+        return
+    with pytest.raises(ValueError, match=f"set {fits}"):
+        cfg.gradient_accumulation(world)

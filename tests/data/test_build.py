@@ -518,3 +518,40 @@ def test_a_camera_mpo_passes_through_as_jpeg():
     assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
     data, ext = image_bytes(buf.getvalue())
     assert ext == "jpg" and data == buf.getvalue()  # kept byte for byte, not re-encoded as PNG
+
+
+def test_what_a_build_writes_beside_its_tars_is_as_readable_as_they_are(tmp_path):
+    """A shard folder shared between accounts: manifest, done records and tar indexes follow the umask as
+    the tars do (mkstemp's temporary files are 0600 whatever the umask)."""
+    recipe = write(
+        tmp_path,
+        "sources:\n  - {name: a, format: synthetic, num_samples: 6}\nshards: {samples_per_shard: 3}\n",
+    )
+    before = os.umask(0o022)
+    try:
+        build(load_recipe(recipe), tmp_path / "shards", workers=1)
+    finally:
+        os.umask(before)
+    written = [p for p in (tmp_path / "shards").rglob("*") if p.is_file()]
+    for ending in (".tar", ".json", ".tar.idx.npy"):
+        assert any(p.name.endswith(ending) for p in written), ending
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+@pytest.mark.parametrize(
+    "written, inside",
+    [
+        ("a.jpg", "a.jpg"), ("sub/../sub/a.jpg", "sub/a.jpg"), ("./sub/./a.jpg", "sub/a.jpg"),
+        ("sub/../a.jpg", "a.jpg"), ("../a.jpg", None), ("sub/../../a.jpg", None), ("/etc/passwd", None),
+        ("..\\\\..\\\\a.jpg", None), ("C:\\\\a.jpg", None), ("sub/..", None), ("", None),
+    ],
+)  # fmt: skip
+def test_image_paths_stay_under_the_root_as_written(tmp_path, written, inside):
+    from fvl.data.sources import safe_image_path
+
+    if inside is None:
+        with pytest.raises(Skip, match="bad_image_path"):
+            safe_image_path(str(tmp_path), written)
+    else:
+        assert safe_image_path(str(tmp_path), written) == tmp_path / inside

@@ -13,8 +13,7 @@ import webdataset as wds
 
 from fvl.config import load, with_stage
 from fvl.config.data import DataConfig
-from fvl.data import build_datamodule
-from fvl.data.datamodule import FVLDataModule, ensure_shards
+from fvl.data.datamodule import FVLDataModule, build_datamodule, ensure_shards
 from fvl.data.plan import EpochBatches, PlanSettings
 from fvl.data.reader import Catalog, PlannedLoader, ShardReader
 from fvl.data.recipes import load_recipe

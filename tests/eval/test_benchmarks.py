@@ -408,3 +408,52 @@ def test_pinned_prompts_are_the_ones_lmms_eval_gave():
     assert prompts["seed_prompt"] == "Which?\nA. p\nB. q\nC. r\nD. s" + LETTER
     assert prompts["ai2d_prompt"] == "Which part?\nA. x\nB. y" + LETTER
     assert prompts["sqa_prompt"] == "Context: A hint.\nWhich?\nA. x\nB. y\nC. z" + LETTER
+
+
+def test_an_answer_an_xlsx_cannot_store_is_cleaned_and_counted_not_a_crash(tmp_path, caplog):
+    import pandas as pd
+
+    rows = [{"index": i, "image": png(), "question": "Q?", "hint": None, "A": "x", "B": "y", "C": None,
+             "D": None, "answer": None, "category": "c", "L2-category": "l", "source": "s", "split": "test"}
+            for i in range(3)]  # fmt: skip
+    bench = load_parquet("mmbench", write(tmp_path / "m.parquet", rows))
+    result = evaluate(Oracle(lambda p: "B\x15"), bench, progress=False)
+    with caplog.at_level("WARNING"):
+        path = write_submission(bench, result, tmp_path / "sub")
+    assert list(pd.read_excel(path)["prediction"]) == ["B", "B", "B"]
+    assert "3 cell(s) held characters an xlsx cannot store" in caplog.text
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == [path.name]  # no temporary file left
+
+
+def test_a_writer_that_fails_leaves_no_half_written_submission(tmp_path, monkeypatch):
+    rows = [{"index": 0, "image": png(), "question": "Q?", "hint": None, "A": "x", "B": "y", "C": None,
+             "D": None, "answer": None, "category": "c", "L2-category": "l", "source": "s", "split": "test"}]  # fmt: skip
+    bench = load_parquet("mmbench", write(tmp_path / "m.parquet", rows))
+    result = evaluate(Oracle(lambda p: "B"), bench, progress=False)
+
+    def half(predictions, path):
+        path.write_bytes(b"PK\x03\x04 half")
+        raise OSError("disk full")
+
+    import dataclasses
+
+    submission = dataclasses.replace(bench.spec.submission, write=half)
+    monkeypatch.setattr(bench, "spec", dataclasses.replace(bench.spec, submission=submission))
+    with pytest.raises(OSError, match="disk full"):
+        write_submission(bench, result, tmp_path / "sub")
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_another_split_of_a_benchmark_keeps_its_own_name_task_and_split(tmp_path):
+    val = [{"question_id": i, "image": png(), "question": "q", "answers": ["a"] * 10} for i in range(2)]
+    test = [{"question_id": i, "image": png(), "question": "q", "answers": None} for i in range(2)]
+    write(tmp_path / "vqav2" / "data" / "validation-00000-of-00001.parquet", val)
+    write(tmp_path / "vqav2" / "data" / "test-00000-of-00001.parquet", test)
+    from fvl.eval.benchmarks import resolve_benchmark
+
+    scored = resolve_benchmark(f"vqav2={tmp_path / 'vqav2'}")
+    submitted = resolve_benchmark(f"vqav2:test={tmp_path / 'vqav2'}")
+    assert (scored.result_name, scored.task, scored.split) == ("vqav2", "vqav2_val", "validation")
+    assert (submitted.result_name, submitted.task, submitted.split) == ("vqav2_test", "vqav2_test", "test")
+    settings = evaluate(Oracle(lambda p: "a"), submitted, progress=False).to_json()["settings"]
+    assert settings["lmms_eval_task"] == "vqav2_test" and settings["split"] == "test"

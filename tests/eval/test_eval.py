@@ -107,11 +107,14 @@ def test_fvl_eval_writes_json_and_mlflow_metrics(checkpoint_run):
         k.startswith("eval/synthetic/") and k != "eval/synthetic/score" for k in run.metrics
     )
     assert "eval/synthetic/batch_agreement" in run.metrics
+    # the test split is named as such (the validation scores of the same benchmark would keep theirs)
     assert (
-        run.tags["eval/docvqa/lmms_eval_task"] == "docvqa_val"
-        and run.tags["eval/docvqa/max_new_tokens"] == "4"
+        run.tags["eval/docvqa_test/lmms_eval_task"] == "docvqa_test"
+        and run.tags["eval/docvqa_test/split"] == "test"
+        and run.tags["eval/docvqa_test/max_new_tokens"] == "4"
     )
-    assert "chance" in res.stdout and "docvqa: 3 answers for the submission file" in res.stdout
+    assert (eval_dir / "docvqa_test.json").exists()
+    assert "chance" in res.stdout and "docvqa_test: 3 answers for the submission file" in res.stdout
 
 
 @pytest.mark.e2e
@@ -198,3 +201,21 @@ def test_cli_align_and_pca(tmp_path):
         [MlflowClient(env_uri).get_experiment_by_name("fvl").experiment_id]
     )
     assert {r.data.tags["analysis"] for r in runs} == {"align", "pca"}
+
+
+def test_one_failing_benchmark_fails_alone_and_the_others_reach_disk_and_mlflow(
+    tiny_runs, tmp_path, monkeypatch
+):
+    from fvl.config.eval import EvalConfig
+    from fvl.eval.evaluate import evaluate_checkpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_runs["uri"])
+    cfg = EvalConfig(bench=[f"textvqa={tmp_path / 'nowhere'}", "synthetic"], samples=14, max_new_tokens=2)
+    report = evaluate_checkpoint(
+        tiny_runs["finetune"]["checkpoint"], cfg, out=tmp_path / "out", progress=False
+    )
+    assert list(report.failures) == [f"textvqa={tmp_path / 'nowhere'}"]
+    assert [r.benchmark for r in report.results] == ["synthetic"]
+    assert (tmp_path / "out" / "synthetic.json").exists() and not (tmp_path / "out" / "textvqa.json").exists()
+    metrics = MlflowClient(tiny_runs["uri"]).get_run(report.mlflow_run_id).data.metrics
+    assert "eval/synthetic/score" in metrics

@@ -75,11 +75,21 @@ def test_odd_modes_become_the_right_colours():
     t = transform(16, "square")
     transparent = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # onto white
     assert t.decode(encode(transparent)).unique().tolist() == [255]
-    i16 = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))  # its peak maps to white
-    assert t.decode(encode(i16)).unique().tolist() == [255]
+    i16 = Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))  # by its depth: 40000 / 257
+    assert t.decode(encode(i16)).unique().tolist() == [156]
     cmyk_red = Image.new("RGB", (20, 20), (255, 0, 0)).convert("CMYK")
     red = t.decode(encode(cmyk_red, "JPEG", quality=95)).float().mean(dim=(1, 2))
     assert red[0] > 240 and red[1] < 15 and red[2] < 15
+
+
+@pytest.mark.parametrize("level", [0, 1000, 32896, 65535])
+def test_a_16_bit_greyscale_png_is_scaled_by_its_depth_not_its_maximum(level):
+    """A dark 16-bit picture stays dark (1000 of 65535 is grey level 4, not white)."""
+    png = io.BytesIO()
+    Image.fromarray(np.full((8, 8), level, dtype=np.uint16)).save(png, "PNG")
+    decoded = Image.open(io.BytesIO(png.getvalue()))
+    assert decoded.mode.startswith("I")
+    assert set(np.asarray(to_rgb(decoded)).ravel().tolist()) == {round(level / 257)}
 
 
 def test_pad_centres_the_image_on_the_mean_colour():

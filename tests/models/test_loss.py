@@ -322,3 +322,24 @@ def test_auto_on_the_tiny_preset_keeps_the_logits(tiny_model):
     with torch.no_grad():
         out = tiny_model(batch)
     assert out.logits is not None and out.logits.shape[-1] == tiny_model.llm.config.vocab_size
+
+
+@pytest.mark.parametrize("mode", ["full", "chunked"])
+def test_a_steps_token_count_turns_the_mean_into_that_share_of_the_step(mode, monkeypatch):
+    """With ``num_items_in_batch`` (a whole step's supervised tokens) the loss is this micro batch's sum over
+    that count, in every mode; a micro batch with nothing supervised adds 0 (its mean would be NaN)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).train()
+    batch = mixed_batch(model)
+    small_chunks(monkeypatch, model.llm.config.vocab_size)
+    model.cfg.llm.loss = mode
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        mean = model(batch).loss
+        share = model({**batch, "num_items_in_batch": torch.tensor(4.0 * supervised)}).loss
+        nothing = model(
+            {**batch, "labels": torch.full_like(batch["labels"], -100), "num_items_in_batch": 7}
+        ).loss
+    assert rel_err(share, mean / 4) < RTOL
+    assert torch.isnan(model({**batch, "labels": torch.full_like(batch["labels"], -100)}).loss)
+    assert nothing.item() == 0.0

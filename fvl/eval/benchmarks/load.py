@@ -43,7 +43,7 @@ def load_parquet(
     labelled = {bool(s.references) for s in samples}
     if len(labelled) > 1:
         raise ValueError(f"{name}: some rows have answers and some have none; score a split or submit it")
-    return Benchmark(name, spec, samples, dict(spec.chance))
+    return Benchmark(name, spec, samples, dict(spec.chance), read_split=split or "")
 
 
 def _read_file(

@@ -15,12 +15,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from typing import Any
 
 from fvl.eval.benchmarks.sample import EvalSample
 from fvl.eval.benchmarks.spec import BenchmarkSpec, Row, Scored, Submission, register
+
+log = logging.getLogger(__name__)
 
 LETTERS = "ABCDE"
 INSTRUCTION = "\nAnswer with the option's letter from the given choices directly."
@@ -113,6 +116,7 @@ def circular_accuracy(scored: list[Scored]) -> dict[str, float]:
 def _write_xlsx(predictions: list[tuple[EvalSample, str]], path) -> None:
     """``mmbench_en_test_results.xlsx``: lmms-eval's columns, the raw (stripped) answer as prediction."""
     import pandas as pd
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
     columns = (
         "index",
@@ -130,6 +134,14 @@ def _write_xlsx(predictions: list[tuple[EvalSample, str]], path) -> None:
          "prediction": p, **{c: s.fields.get(c, "nan") for c in LETTERS}}
         for s, p in predictions
     ]  # fmt: skip
+    cleaned = 0
+    for row in rows:  # an answer may hold control characters (\x15, ...) that an xlsx cannot store
+        for key, value in row.items():
+            if isinstance(value, str) and ILLEGAL_CHARACTERS_RE.search(value):
+                row[key] = ILLEGAL_CHARACTERS_RE.sub("", value)
+                cleaned += 1
+    if cleaned:
+        log.warning("mmbench submission: %d cell(s) held characters an xlsx cannot store; removed", cleaned)
     pd.DataFrame(rows).to_excel(path, index=False)
 
 

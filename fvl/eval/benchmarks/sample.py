@@ -54,6 +54,7 @@ class Benchmark:
     spec: BenchmarkSpec
     samples: list[EvalSample]
     chance: dict[str, float] = field(default_factory=dict)
+    read_split: str = ""  # the split read, when not the spec's (``NAME:SPLIT=PATH``)
 
     @property
     def metric(self) -> str:
@@ -62,3 +63,25 @@ class Benchmark:
     @property
     def labelled(self) -> bool:
         return bool(self.samples) and bool(self.samples[0].references)
+
+    @property
+    def split(self) -> str:
+        """The split these samples come from (the spec's, unless ``NAME:SPLIT=PATH`` named another)."""
+        return self.read_split or self.spec.split
+
+    @property
+    def result_name(self) -> str:
+        """The name of this run's results (JSON file, MLflow keys ``eval/<name>/...``): the benchmark's for
+        its reported split, ``<name>_<split>`` for another, so a test split never overwrites the val scores."""
+        return self.name if self.split == self.spec.split else f"{self.name}_{self.split}"
+
+    @property
+    def task(self) -> str:
+        """The lmms-eval task of this split: the spec's task, its ``_val`` / ``_dev`` / ``_validation`` suffix
+        replaced by the split's name for another split (``docvqa_val`` -> ``docvqa_test``)."""
+        if self.split == self.spec.split:
+            return self.spec.task
+        for suffix in ("_validation", "_val", "_dev"):
+            if self.spec.task.endswith(suffix):
+                return self.spec.task[: -len(suffix)] + f"_{self.split}"
+        return f"{self.spec.task} ({self.split} split)"
