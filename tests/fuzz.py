@@ -202,7 +202,8 @@ def write_fuzz_set(root: Path, n_bad: int = 1000, n_good: int = 100, seed: int =
     order.shuffle(lines)
     (root / "fuzz.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     fuzz.recipe.write_text(
-        "sources:\n  - {name: fuzz, format: llava_json, annotations: fuzz.jsonl, image_root: images}\n"
+        "sources:\n  - {name: fuzz, format: llava_json, annotations: fuzz.jsonl, image_root: images,"
+        " conversation_rules: as_written}\n"
         "shards: {samples_per_shard: 64}\n"
     )
     return fuzz

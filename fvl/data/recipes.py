@@ -46,6 +46,10 @@ class SourceConfig:
     image_root: str | None = None
     weight: float = 1.0
     max_samples: int | None = None
+    # llava_json: ``llava`` applies LLaVA's preprocessing (what the authors trained with): a lone ``<image>``
+    # moves to the front of its turn, a leading non-human turn is dropped; ``as_written`` keeps turns as they are
+    # (such samples are then skipped as ``bad_roles``). The manifest counts what was normalised.
+    conversation_rules: str = "llava"
     # synthetic only
     split: str = "train"
     num_samples: int = 0
@@ -53,6 +57,9 @@ class SourceConfig:
     seed: int = 0
     task: str = "qa"
     kinds: list[str] | None = None
+
+
+CONVERSATION_RULES = ("llava", "as_written")
 
 
 @dataclass
@@ -141,6 +148,10 @@ def _validate(recipe: Recipe, folder: Path, check_files: bool) -> None:
             raise RecipeError(f"{key}.weight={s.weight}: must be a positive finite number")
         if s.max_samples is not None and s.max_samples < 0:
             raise RecipeError(f"{key}.max_samples must be >= 0")
+        if s.conversation_rules not in CONVERSATION_RULES:
+            raise RecipeError(
+                f"{key}.conversation_rules={s.conversation_rules!r}: expected one of {', '.join(CONVERSATION_RULES)}"
+            )
         if s.format == "synthetic":
             if s.split not in SPLITS:
                 raise RecipeError(f"{key}.split={s.split!r}: expected one of {SPLITS}")

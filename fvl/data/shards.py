@@ -50,7 +50,7 @@ from typing import Any
 import webdataset as wds
 
 from fvl.data.recipes import Recipe, ShardSettings, SourceConfig
-from fvl.data.sources import Skip, encode_item, read_items
+from fvl.data.sources import NOTES_KEY, Skip, encode_item, read_items
 from fvl.data.tarindex import write_index
 from fvl.synthetic import GENERATOR_VERSION
 from fvl.util.files import write_text_atomic
@@ -263,9 +263,10 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def _encode_into(
     writer: wds.ShardWriter, source: SourceConfig, task: Task, items: list[Any], max_images: int
-) -> tuple[Counter[str], Counter[str]]:
-    """Write the task's samples; returns ``(samples per tar name, skipped per reason)``."""
+) -> tuple[Counter[str], Counter[str], Counter[str]]:
+    """Write the task's samples; returns ``(samples per tar name, skipped per reason, normalised per rule)``."""
     skipped: Counter[str] = Counter()
+    normalised: Counter[str] = Counter()
     per_file: Counter[str] = Counter()
     for offset, item in enumerate(items):
         try:
@@ -273,9 +274,10 @@ def _encode_into(
         except Skip as e:
             skipped[e.reason] += 1
             continue
+        normalised.update(sample.pop(NOTES_KEY, ()))
         writer.write(sample)
         per_file[Path(writer.fname).name] += 1
-    return per_file, skipped
+    return per_file, skipped, normalised
 
 
 def _publish(tmp: Path, out: Path, name: str, samples: int, source: str) -> dict[str, Any]:
@@ -314,7 +316,7 @@ def run_task(
         mtime=0.0,
     )
     try:
-        per_file, skipped = _encode_into(writer, source, task, items, settings.max_images)
+        per_file, skipped, normalised = _encode_into(writer, source, task, items, settings.max_images)
     finally:
         writer.close()
     shards = [_publish(tmp, out, name, per_file[name], task.source) for name in sorted(per_file)]
@@ -325,6 +327,7 @@ def run_task(
         "items": len(items),
         "written": sum(per_file.values()),
         "skipped": dict(skipped),
+        "normalised": dict(normalised),
         "shards": shards,
         "fingerprint": fp,
     }
@@ -451,11 +454,19 @@ def build(
 
 
 # ---- manifests ---------------------------------------------------------------------------------------------
-def _add_counts(sources: dict[str, dict[str, Any]], name: str, written: int, skipped: dict[str, int]) -> None:
+def _add_counts(
+    sources: dict[str, dict[str, Any]],
+    name: str,
+    written: int,
+    skipped: dict[str, int],
+    normalised: dict[str, int] | None = None,
+) -> None:
     entry = sources[name]
     entry["written"] += written
-    for reason, count in skipped.items():
-        entry["skipped"][reason] = entry["skipped"].get(reason, 0) + count
+    for key, counts in (("skipped", skipped), ("normalised", normalised or {})):
+        for reason, count in counts.items():  # "normalised" appears only when something was
+            entry.setdefault(key, {})
+            entry[key][reason] = entry[key].get(reason, 0) + count
 
 
 def _manifest(
@@ -476,7 +487,7 @@ def _manifest(
         if s.format == "synthetic":  # so that shards of an older generator are recognised and rebuilt
             sources[s.name]["generator_version"] = GENERATOR_VERSION
     for r in records:
-        _add_counts(sources, r["source"], r["written"], r["skipped"])
+        _add_counts(sources, r["source"], r["written"], r["skipped"], r.get("normalised"))
     shards = sorted((sh for r in records for sh in r["shards"]), key=lambda sh: sh["path"])
     return {
         "recipe": recipe.path,
@@ -504,10 +515,13 @@ def merge(out: str | Path) -> dict[str, Any]:
     prints = [{name: s.get("fingerprint") for name, s in m["sources"].items()} for m in loaded]
     if any(p != prints[0] for p in prints):
         raise ValueError(f"{out}: the parts were built from different recipes or settings; rebuild them")
-    sources = {name: {**s, "written": 0, "skipped": {}} for name, s in loaded[0]["sources"].items()}
+    sources = {
+        name: {**{k: v for k, v in s.items() if k != "normalised"}, "written": 0, "skipped": {}}
+        for name, s in loaded[0]["sources"].items()
+    }
     for m in loaded:
         for name, s in m["sources"].items():
-            _add_counts(sources, name, s["written"], s["skipped"])
+            _add_counts(sources, name, s["written"], s["skipped"], s.get("normalised"))
     shards = sorted((sh for m in loaded for sh in m["shards"]), key=lambda sh: sh["path"])
     first = loaded[0]
     manifest = {

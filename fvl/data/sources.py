@@ -32,6 +32,7 @@ from fvl.synthetic import generate
 from fvl.text.templates import TemplateError, normalize_conversation
 
 IMAGE_TOKEN = "<image>"
+NOTES_KEY = "_normalised"  # a sample's entry for what ``llava_rules`` changed (popped before writing)
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default bomb threshold, made an error instead of a warning
 # Non-RGB JPEGs are re-encoded as JPEG: a lossless PNG of a photo is 3-10x larger, and at 95 the loss is far
 # below what the tower's resize to 384/768 px keeps.
@@ -170,6 +171,33 @@ def image_bytes(data: bytes, where: str = "") -> tuple[bytes, str]:
     return out.getvalue(), "png"
 
 
+def llava_rules(conversations: list[Any]) -> tuple[list[Any], list[str]]:
+    """LLaVA's preprocessing of a conversation (``preprocess_multimodal`` and ``preprocess`` in its train.py),
+    which the authors trained with: a leading turn that is not the human's is dropped, and in a turn with one
+    ``<image>`` the placeholder is removed and put in front (``<image>\n`` + the rest, stripped). A turn with
+    several placeholders (multi-image samples) stays as written. Returns the turns and what was changed
+    (``dropped_leading_turn``, ``image_moved_to_front``) for the manifest's counts."""
+    notes: list[str] = []
+    if not isinstance(conversations, list) or not conversations:
+        return conversations, notes
+    if isinstance(conversations[0], dict) and conversations[0].get("from", conversations[0].get("role")) in (
+        "gpt",
+        "assistant",
+    ):
+        conversations = conversations[1:]
+        notes.append("dropped_leading_turn")
+    out = []
+    for turn in conversations:
+        text = turn.get("value") if isinstance(turn, dict) else None
+        if isinstance(text, str) and text.count(IMAGE_TOKEN) == 1:
+            moved = (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+            if moved != text:
+                turn = {**turn, "value": moved}
+                notes.append("image_moved_to_front")
+        out.append(turn)
+    return out, notes
+
+
 def check_conversation(conversations: Any, n_images: int) -> list[dict[str, str]]:
     """Validate LLaVA turns for ``n_images`` images; return them as plain dicts or raise ``Skip``."""
     if not isinstance(conversations, list) or not conversations:
@@ -259,7 +287,13 @@ def encode_item(source: SourceConfig, item: Any, index: int, max_images: int = 0
     relatives = [] if image_field is None else image_field if isinstance(image_field, list) else [image_field]
     if max_images and len(relatives) > max_images:
         raise Skip("too_many_images", f"{len(relatives)} images; the model fits {max_images} per sample")
-    conversations = check_conversation(item.get("conversations"), len(relatives))
+    conversations, notes = item.get("conversations"), []
+    if source.format == "llava_json" and source.conversation_rules == "llava":
+        conversations, notes = llava_rules(conversations)
+    conversations = check_conversation(conversations, len(relatives))
     images = [load_image_bytes(safe_image_path(source.image_root, rel)) for rel in relatives]
     meta = {"id": str(item.get("id", index)), "source": source.name, "conversations": conversations}
-    return _sample(key, images, meta)
+    sample = _sample(key, images, meta)
+    if notes:
+        sample[NOTES_KEY] = sorted(set(notes))  # counted by the build, never written
+    return sample

@@ -555,3 +555,37 @@ def test_image_paths_stay_under_the_root_as_written(tmp_path, written, inside):
             safe_image_path(str(tmp_path), written)
     else:
         assert safe_image_path(str(tmp_path), written) == tmp_path / inside
+
+
+def test_llava_conversations_follow_llavas_own_preprocessing_and_the_manifest_counts_it(tmp_path):
+    """LLaVA's train.py moves a lone <image> to the front of its turn and drops a leading non-human turn (the
+    authors trained with it); `conversation_rules: as_written` keeps the turns, and skips those samples."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(images / "a.png")
+    turns = [
+        {"id": "after", "image": "a.png", "conversations": [
+            {"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": "Red."}]},
+        {"id": "gpt_first", "image": "a.png", "conversations": [
+            {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "<image>\nColour?"},
+            {"from": "gpt", "value": "Red."}]},
+        {"id": "as_is", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}]},
+    ]  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(turns))
+    results = {}
+    for rules in ("llava", "as_written"):
+        recipe = write(tmp_path, "sources:\n  - {name: s, format: llava_json, annotations: a.json, image_root: images,"
+                                 f" conversation_rules: {rules}}}\n")  # fmt: skip
+        results[rules] = build(load_recipe(recipe), tmp_path / f"shards-{rules}", workers=1)["sources"]["s"]
+    llava, written = results["llava"], results["as_written"]
+    assert llava["written"] == 3 and llava["skipped"] == {}
+    assert llava["normalised"] == {"image_moved_to_front": 1, "dropped_leading_turn": 1}
+    assert written["written"] == 2 and written["skipped"] == {"bad_roles": 1} and "normalised" not in written
+    by_id = {}
+    for tar in sorted((tmp_path / "shards-llava").glob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            by_id[meta["id"]] = meta["conversations"]
+    assert by_id["after"][0]["value"] == "<image>\nWhat colour is it?"
+    assert [t["from"] for t in by_id["gpt_first"]] == ["human", "gpt"]
