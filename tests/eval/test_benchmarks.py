@@ -103,6 +103,8 @@ def test_prompts_are_lmms_evals():
     sqa = {"question": "Which?", "choices": ["x", "y", "z"], "answer": 2, "hint": "A hint."}
     assert sample("scienceqa_img", sqa).prompt == "Context: A hint.\nWhich?\nA. x\nB. y\nC. z" + LETTER
     assert sample("scienceqa_img", {**sqa, "hint": ""}).prompt == "Which?\nA. x\nB. y\nC. z" + LETTER
+    # a null hint: lmms-eval 0.3.0 formats the None itself into the prompt (followed on purpose, README)
+    assert sample("scienceqa_img", {**sqa, "hint": None}).prompt == "NoneWhich?\nA. x\nB. y\nC. z" + LETTER
 
 
 def test_gqa_joins_its_images_and_prompts_like_lmms_eval(tmp_path):
@@ -457,3 +459,22 @@ def test_another_split_of_a_benchmark_keeps_its_own_name_task_and_split(tmp_path
     assert (submitted.result_name, submitted.task, submitted.split) == ("vqav2_test", "vqav2_test", "test")
     settings = evaluate(Oracle(lambda p: "a"), submitted, progress=False).to_json()["settings"]
     assert settings["lmms_eval_task"] == "vqav2_test" and settings["split"] == "test"
+
+
+@pytest.mark.parametrize(
+    "name, folder, split",
+    [("mmbench", "en", "dev"), ("docvqa", "DocVQA", "validation"), ("infovqa", "InfographicVQA", "validation"),
+     ("scienceqa_img", "ScienceQA-IMG", "test")],
+)  # fmt: skip
+def test_a_dataset_folder_laid_out_as_the_hub_has_it_is_found(tmp_path, name, folder, split):
+    rows = {
+        "mmbench": {"index": 0, "image": png(), "question": "Q?", "hint": None, "A": "x", "B": "y", "C": None,
+                    "D": None, "answer": "A", "category": "c", "L2-category": "l", "source": "s", "split": "dev"},
+        "docvqa": {"questionId": 0, "image": png(), "question": "q", "answers": ["a"]},
+        "infovqa": {"questionId": 0, "image": png(), "question": "q", "answers": ["a"]},
+        "scienceqa_img": {"image": png(), "question": "q", "choices": ["x", "y"], "answer": 0, "hint": ""},
+    }[name]  # fmt: skip
+    write(tmp_path / "hub" / folder / f"{split}-00000-of-00001.parquet", [rows])
+    assert len(load_parquet(name, tmp_path / "hub").samples) == 1
+    with pytest.raises(FileNotFoundError, match=f"nor in its {folder}/ folder"):
+        load_parquet(name, tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)

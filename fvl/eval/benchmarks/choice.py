@@ -90,8 +90,11 @@ def _ai2d_score(sample: EvalSample, prediction: str, options: dict[str, Any]) ->
 
 def _sqa_read(row: dict[str, Any]) -> Row:
     options = [str(o) for o in list(row["choices"])]
+    # lmms-eval 0.3.0's sqa_doc_to_text, kept as it is: ``if context: context = f"Context: {context}\n"`` and
+    # then ``f"{pre_prompt}{context}{question}..."``, so an empty hint adds nothing but a null one adds the
+    # text "None" (the hub's ScienceQA-IMG stores "" for no hint; a copy with nulls prompts as the paper's did).
     hint = row.get("hint")
-    context = f"Context: {hint}\n" if hint else ""
+    context = f"Context: {hint}\n" if hint else ("None" if hint is None else "")
     return Row(
         f"{context}{row['question']}\n{lettered(options)}{INSTRUCTION}",
         _answer_letter(row),
@@ -114,5 +117,5 @@ register("ai2d", BenchmarkSpec(
 ))  # fmt: skip
 register("scienceqa_img", BenchmarkSpec(
     task="scienceqa_img", split="test", metric="exact match of the bare letter",
-    read=_sqa_read, score=_sqa_score, max_new_tokens=16,
+    read=_sqa_read, score=_sqa_score, max_new_tokens=16, subfolder="ScienceQA-IMG",
 ))  # fmt: skip

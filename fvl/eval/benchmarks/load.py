@@ -18,6 +18,8 @@ def load_parquet(
     folder; ``split``: the file-name split to take there, default the spec's). Images stay undecoded."""
     spec = BENCHMARKS.build(name)
     path = Path(path)
+    if spec.subfolder and path.is_dir() and (path / spec.subfolder).is_dir():
+        path = path / spec.subfolder  # the hub dataset's folder, given whole
     index = None
     if spec.image_join is not None:
         join = spec.image_join
@@ -30,7 +32,15 @@ def load_parquet(
         path = path / join.questions
     samples: list[EvalSample] = []
     missing: list[str] = []
-    for file in split_files(path, split or spec.split):
+    try:
+        files = split_files(path, split or spec.split)
+    except FileNotFoundError as e:
+        if spec.subfolder:
+            raise FileNotFoundError(
+                f"{name}: {e} (nor in its {spec.subfolder}/ folder, as the hub lays it out)"
+            ) from None
+        raise
+    for file in files:
         samples += _read_file(name, spec, file, index, missing, limit and limit - len(samples))
         if limit and len(samples) >= limit:
             break

@@ -148,5 +148,5 @@ def _write_xlsx(predictions: list[tuple[EvalSample, str]], path) -> None:
 register("mmbench", BenchmarkSpec(
     task="mmbench_en_dev", split="dev", metric="CircularEval accuracy, lmms-eval's answer matching without GPT",
     read=_read, score=_score, max_new_tokens=1024, aggregate=lambda s, o: circular_accuracy(s),
-    submission=Submission("mmbench_en_test_results.xlsx", _write_xlsx), id_column="index",
+    submission=Submission("mmbench_en_test_results.xlsx", _write_xlsx), id_column="index", subfolder="en",
 ))  # fmt: skip

@@ -89,6 +89,9 @@ class BenchmarkSpec:
     options: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # protocol option -> allowed values
     #                                                                     (the first is lmms-eval's)
     chance: dict[str, float] = field(default_factory=dict)
+    # the dataset's folder for this benchmark inside the hub dataset's own layout (lmms-lab/MMBench keeps
+    # English under en/, lmms-lab/DocVQA holds DocVQA/ and InfographicVQA/, ScienceQA ScienceQA-IMG/)
+    subfolder: str = ""
 
     def protocol(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The protocol options in force: lmms-eval's unless overridden; unknown or invalid ones refused."""

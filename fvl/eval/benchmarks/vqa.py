@@ -120,9 +120,12 @@ register("chartqa", BenchmarkSpec(
     read=question_row(ONE_WORD, answer_key="answer", group="type"), score=_relaxed, max_new_tokens=16,
     aggregate=_chartqa_aggregate,
 ))  # fmt: skip
-for _name, _task in (("docvqa", "docvqa_val"), ("infovqa", "infovqa_val")):
+for _name, _task, _folder in (
+    ("docvqa", "docvqa_val", "DocVQA"),
+    ("infovqa", "infovqa_val", "InfographicVQA"),
+):
     register(_name, BenchmarkSpec(
-        task=_task, split="validation", metric="ANLS (threshold 0.5)",
+        task=_task, split="validation", metric="ANLS (threshold 0.5)", subfolder=_folder,
         read=question_row(SHORT), score=_anls, max_new_tokens=32, id_column="questionId",
         submission=json_submission(
             f"{_name}_test_for_submission.json",
