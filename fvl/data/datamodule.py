@@ -6,6 +6,7 @@ needed: a ``Processor`` built from ``cfg.model`` prepares the samples.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,7 @@ class FVLDataModule(L.LightningDataModule):
         self.feature_identity = feature_identity
         self.fusion = fusion
         self.train_catalog: Catalog | None = None
+        self.data_identity: dict[str, dict] = {}
         self.val_catalog: Catalog | None = None
         self.train_features: FeatureSpans | None = None
         self.val_features: FeatureSpans | None = None
@@ -174,6 +176,7 @@ class FVLDataModule(L.LightningDataModule):
             shards, held = hold_out(shards, self.cfg.val_shards)
         self.weights = read_weights(self.cfg, list(shards.urls))
         self.train_catalog = Catalog.build(shards.urls, shards.shard_samples)
+        self.data_identity = shards_identity(manifest, shards, folder)
         self.val_catalog = Catalog.build(held.urls, held.shard_samples) if held else None
         if self.cfg.feature_cache:
             self._attach_cache(manifest, shards, held)
@@ -224,6 +227,7 @@ class FVLDataModule(L.LightningDataModule):
             rank,
             self.cfg.batch_size,
             self.cfg.length_window if self.cfg.group_by_length else 0,
+            self.data_identity,
         )
         lengths, has_image = self.train_catalog.length_hints(self.processor.image_tokens)
         return EpochBatches(self.train_catalog.sources, settings, lengths, has_image)
@@ -285,6 +289,16 @@ class FVLDataModule(L.LightningDataModule):
             batch_size=None,
             collate_fn=as_is,
         )
+
+
+def shards_identity(manifest: dict[str, Any], shards: ShardSet, folder: Path) -> dict[str, dict]:
+    """Per source read: its training samples and a digest of its shards' sha256 (what a resume must match)."""
+    by_url = {str(folder / sh["path"]): sh for sh in manifest["shards"]}
+    identity = {}
+    for source, urls in sorted(shards.urls.items()):
+        digest = hashlib.sha256("".join(by_url[u].get("sha256", u) for u in urls).encode()).hexdigest()[:16]
+        identity[source] = {"samples": shards.samples[source], "digest": digest}
+    return identity
 
 
 def build_datamodule(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -115,6 +115,9 @@ class PlanSettings:
     rank: int
     batch_size: int
     group: int = 0  # > 0: length grouping over windows of this many global steps
+    # source -> what its shards are (sample count, a digest of their files' sha256): a resume over shards
+    # rebuilt since (another count, other samples) would replay some samples and skip others
+    data: dict[str, dict] = field(default_factory=dict)
 
     def key(self) -> dict:
         return {
@@ -123,6 +126,7 @@ class PlanSettings:
             "world": self.world,
             "batch_size": self.batch_size,
             "group": self.group,
+            **{f"shards of {name}": identity for name, identity in sorted(self.data.items())},
         }
 
 

@@ -429,3 +429,20 @@ def test_torchrun_ranks_write_one_run_folder(env):
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((env["root"] / "runs").glob("torchrun-pretrain-*"))
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_a_resume_over_shards_rebuilt_since_is_refused_naming_the_source(tmp_path):
+    """The saved data plan holds what each source's shards are: after a source was rebuilt with 20 more
+    items, resuming would replay some samples and skip others; it is refused, naming the source."""
+    synthetic_recipe(tmp_path / "r.yaml", captions=40, qa=8, per_shard=20)
+    base = [
+        f"data.recipe={tmp_path / 'r.yaml'}", f"data.shards={tmp_path / 'shards'}", f"output_dir={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "data.batch_size=4", "train.global_batch_size=4",
+        "data.val_samples=0", "data.num_workers=0", "trainer.progress=false", "trainer.max_steps=4",
+        "train.checkpoint_every_n_steps=2",
+    ]  # fmt: skip
+    train(load(EXPERIMENTS / "pretrain.yaml", base), callbacks=[_StopAt(2)])
+    synthetic_recipe(tmp_path / "r.yaml", captions=60, qa=8, per_shard=20)  # rebuilt on the next start
+    with pytest.raises(ValueError, match=r"shards of synthetic_caption.*'samples': 40.*'samples': 60"):
+        train(load(EXPERIMENTS / "pretrain.yaml", [*base, "resume=last"]))
