@@ -65,7 +65,9 @@ def ensure_shards(cfg: DataConfig, max_images: int = 0, world_size: int = 1, pro
     if (folder / MANIFEST).exists():
         check_recipe(load_manifest(folder), folder, recipe_path)
         if not is_synthetic(recipe):
-            return load_manifest(folder)
+            manifest = load_manifest(folder)
+            check_image_limit(manifest, folder, recipe_path, recipe.shards.max_images or max_images)
+            return manifest
     elif not is_synthetic(recipe):
         command = f"fvl shards build {recipe_path} --out {folder}"
         if world_size > 1:
@@ -77,6 +79,23 @@ def ensure_shards(cfg: DataConfig, max_images: int = 0, world_size: int = 1, pro
     recipe = load_recipe(cfg.recipe)  # now with its files checked
     recipe.shards.max_images = recipe.shards.max_images or max_images
     return _build_with_progress(recipe, folder, cfg.build_workers, progress)
+
+
+def check_image_limit(manifest: dict, folder: Path, recipe_path: Path, max_images: int) -> None:
+    """Refuse shards that skipped samples for having more images than an earlier, smaller limit allowed
+    (shards that training built for a model with a shorter ``max_length``): this model could read them."""
+    built = int(manifest.get("max_images") or 0)
+    if not built or (max_images and max_images <= built):
+        return
+    lost = sum(s.get("skipped", {}).get("too_many_images", 0) for s in manifest["sources"].values())
+    if lost:
+        now = f"up to {max_images}" if max_images else "any number of"
+        raise ValueError(
+            f"{folder}: these shards were built for at most {built} image(s) a sample and skipped {lost} "
+            f"sample(s) with more as too_many_images; this model fits {now} images: rebuild them with "
+            f"fvl shards build {recipe_path} --out {folder}"
+            + (f" --max-images {max_images}" if max_images else "")
+        )
 
 
 def _build_with_progress(recipe: Recipe, folder: Path, workers: int, progress: bool) -> dict:

@@ -589,3 +589,20 @@ def test_llava_conversations_follow_llavas_own_preprocessing_and_the_manifest_co
             by_id[meta["id"]] = meta["conversations"]
     assert by_id["after"][0]["value"] == "<image>\nWhat colour is it?"
     assert [t["from"] for t in by_id["gpt_first"]] == ["human", "gpt"]
+
+
+def test_shards_built_for_fewer_images_than_the_model_fits_are_refused_not_read_short(tmp_path):
+    """Training built the shards for a model of 1 image a sample; a model that fits 2 must not train on them
+    without a word: the two-image samples were skipped as too_many_images."""
+    from fvl.config.data import DataConfig
+    from fvl.data.datamodule import ensure_shards
+
+    recipe = write_sources(tmp_path / "src")
+    cfg = DataConfig(recipe=str(recipe), shards=str(tmp_path / "shards"))
+    built = ensure_shards(cfg, max_images=1, progress=False)  # no shards yet: built here, as training does
+    assert built["sources"]["llava"]["skipped"]["too_many_images"] == 1
+    assert ensure_shards(cfg, max_images=1, progress=False)["max_images"] == 1  # the same model: fine
+    with pytest.raises(
+        ValueError, match=r"at most 1 image.*skipped 1 sample.*fits up to 2 images.*--max-images 2"
+    ):
+        ensure_shards(cfg, max_images=2, progress=False)
