@@ -162,6 +162,9 @@ class FVLDataModule(L.LightningDataModule):
         # Micro batches per optimizer step (the trainer's gradient accumulation): the loader counts each
         # step's supervised tokens ahead (``step_supervised``) for the loss of one big batch.
         self.step_batches = 1
+        # flash-attention keeps packed samples apart only in a batch of one row (transformers takes its
+        # variable-length path for batch size 1 alone): pack each micro batch into one row for it
+        self.one_row_packing = False
         self.seed = seed
         self.feature_identity = feature_identity
         self.fusion = fusion
@@ -256,6 +259,8 @@ class FVLDataModule(L.LightningDataModule):
         if len(plan) == 0:
             raise ValueError(f"{self.cfg.shards}: nothing to train on (no samples, or every weight 0)")
         pack = (self.cfg.pack_length or self.processor.max_length or 0) if self.cfg.packing else 0
+        if self.cfg.packing and self.one_row_packing:
+            pack = ONE_ROW
         if self.cfg.packing and not pack:
             raise ValueError("data.packing needs data.pack_length or model.text.max_length (a row's length)")
         self._train_loader = PlannedLoader(
@@ -310,6 +315,9 @@ class FVLDataModule(L.LightningDataModule):
         )
 
 
+ONE_ROW = -1  # the reader's ``pack`` for one row per micro batch
+
+
 def shards_identity(manifest: dict[str, Any], shards: ShardSet, folder: Path) -> dict[str, dict]:
     """Per source read: its training samples and a digest of its shards' sha256 (what a resume must match)."""
     by_url = {str(folder / sh["path"]): sh for sh in manifest["shards"]}
@@ -336,4 +344,6 @@ def build_datamodule(
     if processor is None:
         processor = build_processor(exp.model)
     processor = processor.with_resize_mode(exp.stage.resize_mode)
-    return FVLDataModule(exp.data, processor, exp.stage.val_task, exp.seed, feature_identity, fusion)
+    dm = FVLDataModule(exp.data, processor, exp.stage.val_task, exp.seed, feature_identity, fusion)
+    dm.one_row_packing = exp.model.llm.attn_implementation == "flash_attention_2"
+    return dm

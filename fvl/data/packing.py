@@ -1,7 +1,8 @@
 """Padding-free packing: several samples share one row of up to ``max_length`` tokens, in transformers'
 convention for packed batches: ``position_ids`` restart at 0 for each sample and ``attention_mask`` is
-left out, so the model attends only within a sample (flash-attention's varlen path on GPU, a block-diagonal
-mask built from the position ids under SDPA or eager attention).
+left out, so the model attends only within a sample: a block-diagonal mask built from the position ids under
+SDPA or eager attention; flash-attention's variable-length path under ``flash_attention_2``, which transformers
+takes for a batch of one row only, so there a micro batch is packed into one row (``datamodule.ONE_ROW``).
 
 Samples are packed whole, so an image's placeholder tokens never straddle two rows, and the images keep
 the order of their placeholders in the flattened batch. The first token of every sample is never a target

@@ -257,7 +257,11 @@ def batch_of(
 ) -> dict[str, Any]:
     """Collate samples (packed into rows of ``pack`` tokens when > 0) and attach the plain-number counts the
     training step logs without a host sync."""
-    batch = collate_packed(samples, pack, pad_token_id) if pack else collate(samples, pad_token_id)
+    if pack:  # pack < 0: the whole micro batch in one row (flash-attention's variable-length path)
+        capacity = pack if pack > 0 else sum(len(s.input_ids) for s in samples)
+        batch = collate_packed(samples, capacity, pad_token_id)
+    else:
+        batch = collate(samples, pad_token_id)
     batch["skipped"] = dict(skipped)
     tokens = sum(len(s.input_ids) for s in samples)
     batch["num_tokens"] = tokens

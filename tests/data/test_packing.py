@@ -72,3 +72,36 @@ def test_packed_loss_equals_the_unpacked_loss(tiny_model, samples, llm):
     with torch.no_grad():
         change = (tiny_model(leaky).logits - tiny_model(packed).logits).abs().max()
     assert change > 1e-3, change
+
+
+def test_under_flash_attention_a_micro_batch_packs_into_the_one_row_transformers_keeps_apart(samples):
+    """transformers sends packed rows to flash-attention's variable-length kernel only for a batch of one row
+    (``_is_packed_sequence``); with several rows it calls the plain causal kernel and samples attend to each
+    other. Under ``flash_attention_2`` the reader packs a micro batch into one row, which that check takes."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    from fvl.data.datamodule import ONE_ROW
+    from fvl.data.reader import batch_of
+
+    processor, batch_samples = samples
+    rows = batch_of(
+        list(batch_samples), processor.pad_token_id, {}, pack=2 * max(len(s.input_ids) for s in batch_samples)
+    )
+    assert rows["input_ids"].shape[0] > 1 and not _is_packed_sequence(
+        rows["position_ids"], rows["input_ids"].shape[0]
+    )
+    one = batch_of(list(batch_samples), processor.pad_token_id, {}, pack=ONE_ROW)
+    assert one["input_ids"].shape == (1, sum(len(s.input_ids) for s in batch_samples))
+    assert _is_packed_sequence(one["position_ids"], 1)  # the variable-length path
+    assert int((one["position_ids"] == 0).sum()) == len(batch_samples)  # one sequence per sample
+
+
+def test_the_datamodule_packs_one_row_only_under_flash_attention():
+    from fvl.config import load
+    from fvl.data.datamodule import build_datamodule
+
+    flash = build_datamodule(
+        load("tiny", ["data.packing=true", "model.llm.attn_implementation=flash_attention_2"])
+    )
+    sdpa = build_datamodule(load("tiny", ["data.packing=true"]))
+    assert flash.one_row_packing and not sdpa.one_row_packing
