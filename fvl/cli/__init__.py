@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "florence2-tiny": (train.Florence2TinyArgs, train.florence2_tiny),
     "import florence2": (convert.ImportFlorence2Args, convert.import_florence2),
     "import florence-vl": (convert.ImportFlorenceVLArgs, convert.import_florence_vl),
+    "checkpoints consolidate": (convert.ConsolidateArgs, convert.consolidate),
     "bench": (bench.BenchArgs, bench.bench),
     "notebooks": (evaluation.NotebooksArgs, evaluation.notebooks),
 }

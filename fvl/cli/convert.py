@@ -92,3 +92,23 @@ def export(args: ExportArgs) -> int:
         "AutoProcessor); fvl.models.load_exported loads all"
     )
     return 0
+
+
+@dataclass
+class ConsolidateArgs:
+    """Write a sharded checkpoint (an FSDP run's ``last.ckpt/`` or ``best.ckpt/`` folder) as one safetensors file
+    of the model, on one process.
+
+    checkpoint: a sharded ``.ckpt`` folder, or a run folder (its best, else its last).
+    out: the file to write (default: beside the folder, ``best.safetensors`` for ``best.ckpt/``).
+    """
+
+    checkpoint: str = field(metadata=_POS)
+    out: str | None = None
+
+
+def consolidate(args: ConsolidateArgs) -> int:
+    from fvl.convert.consolidate import consolidate as consolidate_checkpoint
+
+    print(f"wrote {consolidate_checkpoint(args.checkpoint, args.out)}")
+    return 0

@@ -69,9 +69,7 @@ def save_checkpoint(
     if state_dict is not None:
         if is_lora(model):
             raise NotImplementedError("merging LoRA adapters from a sharded run's state is not supported")
-        # Gathered tensors may sit on storages safetensors cannot read directly: write private copies.
-        tensors = {k: _dense(v).detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp), metadata={**metadata, "fvl_config": config_yaml(cfg)})
+        _save_state(cfg, state_dict, tmp, metadata)
     elif is_lora(model):
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, quantization="none"))
         metadata["fvl_lora"] = "merged"
@@ -81,6 +79,27 @@ def save_checkpoint(
     if not commit:
         return tmp
     os.replace(tmp, path)
+    return path
+
+
+def _save_state(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+) -> None:
+    # Gathered tensors may sit on storages safetensors cannot read directly: write private copies.
+    tensors = {k: _dense(v).detach().cpu().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={**metadata, "fvl_config": config_yaml(cfg)})
+
+
+def save_state(cfg: ModelConfig, state: dict[str, torch.Tensor], path: str | Path, **metadata: str) -> Path:
+    """A model state (a sharded run's weights read on one process) as an fvl checkpoint of config ``cfg``,
+    written atomically, without building the model."""
+    path = Path(path)
+    tmp = _atomic_path(path)
+    try:
+        _save_state(cfg, state, tmp, {"fvl_format": FORMAT_VERSION, **metadata})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

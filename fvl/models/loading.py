@@ -12,9 +12,33 @@ from fvl.runs.folder import RunDir
 from fvl.runs.weights import find_weights
 
 
+def read_sharded_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a sharded Lightning checkpoint (the folder torch's distributed checkpoint writes
+    for an FSDP run), gathered whole on this one process; the optimizer's state is left unread."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    # torch's own dcp_to_torch_save reads a checkpoint on one process this way; the planner's key filter
+    # leaves the optimizer state (twice the weights again) on disk
+    _load_state_dict(
+        state, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+        no_dist=True,
+    )  # fmt: skip
+    weights = state.get("state_dict")
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no model state in this sharded checkpoint")
+    return {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.")}
+
+
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Model weights from a safetensors file (strict) or a Lightning ``.ckpt`` (``weights_only``)."""
+    """Model weights from a safetensors file (strict), a Lightning ``.ckpt`` (``weights_only``) or a sharded
+    ``.ckpt`` folder (an FSDP run's)."""
     path = Path(path)
+    if path.is_dir():
+        model.load_state_dict(read_sharded_model_state(path), strict=True)
+        return
     if path.suffix == ".safetensors":
         from safetensors.torch import load_model
 

@@ -3,7 +3,8 @@ and the lmms-eval adapter.
 
 A spec is one of:
 - a file: ``.safetensors`` (the model alone) or a Lightning ``.ckpt`` (its ``.safetensors`` sibling when
-  there is one: the same weights without the optimizer);
+  there is one: the same weights without the optimizer), or a sharded ``.ckpt`` folder (an FSDP run's,
+  read by ``fvl.models.loading.load_model_weights`` on one process when it has no ``.safetensors``);
 - a run folder: its best weights, else its last (``RunDir.model_weights``);
 - ``latest``: the newest run under ``output_dir`` (of ``stage`` when given: ``init_from=latest`` looks for
   the stage's ``init_stage``);
@@ -58,7 +59,9 @@ def find_weights(
             raise FileNotFoundError(f"{key}={spec}: the MLflow run has no checkpoint_path tag")
         return Weights(Path(recorded), run_id)
     path = Path(spec)
-    if path.is_dir():
+    if path.is_dir() and path.suffix == ".ckpt":  # a sharded checkpoint (an FSDP run's): its weights
+        path = path.with_suffix(".safetensors") if path.with_suffix(".safetensors").exists() else path
+    elif path.is_dir():
         path = RunDir(path).model_weights()
     elif not path.exists():
         raise FileNotFoundError(f"{key}={spec}: no such file or run folder")

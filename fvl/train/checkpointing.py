@@ -132,12 +132,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
-def save_pair(trainer, model, ckpt_path: Path, metadata: dict[str, str], save=None) -> None:
+def save_pair(
+    trainer, model, ckpt_path: Path, metadata: dict[str, str], save=None, gather: bool = False
+) -> None:
     """Lightning's full state at ``ckpt_path`` (written by ``save(path)``, default
     ``trainer.save_checkpoint``) and the model as safetensors beside it, replaced as a pair (``commit``)
     where the checkpoint is one file (``AtomicCheckpointIO``). A sharded run's checkpoint is a folder that
     every rank writes its shards into: it is written under a temp name and committed whole (its model
-    weights are gathered only at the end of the run). Every rank calls it."""
+    weights are gathered at the end of the run, and with ``gather`` now: the best weights, whenever they
+    change, so ``init_from``, ``fvl eval`` and ``fvl export`` find ``best.safetensors``). Every rank calls it."""
     save = save or (lambda path: trainer.save_checkpoint(path))
     io = trainer.strategy.checkpoint_io
     if is_sharded(trainer.strategy):
@@ -150,6 +153,8 @@ def save_pair(trainer, model, ckpt_path: Path, metadata: dict[str, str], save=No
         if trainer.is_global_zero:
             commit(ckpt_path.parent, {ckpt_path: tmp})
         trainer.strategy.barrier()
+        if gather:
+            save_gathered_weights(trainer, model, ckpt_path.with_suffix(".safetensors"), metadata)
         return
     if not isinstance(io, AtomicCheckpointIO):
         save(ckpt_path)
@@ -160,6 +165,18 @@ def save_pair(trainer, model, ckpt_path: Path, metadata: dict[str, str], save=No
         weights = ckpt_path.with_suffix(".safetensors")
         tmp = save_checkpoint(model, weights, extra_metadata=metadata, commit=False)
         commit(ckpt_path.parent, {ckpt_path: pending[ckpt_path], weights: tmp})
+    trainer.strategy.barrier()
+
+
+def save_gathered_weights(trainer, model, path: Path, metadata: dict[str, str]) -> None:
+    """A sharded run's model weights as one safetensors file: every rank takes part in gathering the full
+    state (a collective) and rank 0 writes it atomically. (An unsharded run writes its pair with
+    ``save_pair``.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.is_global_zero:
+        save_checkpoint(model, path, extra_metadata=metadata, state_dict=state)
     trainer.strategy.barrier()
 
 
@@ -180,6 +197,7 @@ class FVLCheckpoint(ModelCheckpoint):
             Path(filepath),
             {"global_step": str(trainer.global_step)},
             save=lambda path: super(FVLCheckpoint, self)._save_checkpoint(trainer, str(path)),
+            gather=self.monitor is not None,  # the best weights, whole, whenever they change
         )
         self._last_checkpoint_saved = filepath  # a sharded checkpoint was written under a temp name
 

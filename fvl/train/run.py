@@ -25,9 +25,15 @@ from fvl.data.datamodule import build_datamodule as data_module_of
 from fvl.data.feature_cache.store import identity_of
 from fvl.data.recipes import resolve_recipe_path
 from fvl.models.check import check as check_model
-from fvl.models.checkpoint import save_checkpoint
 from fvl.runs.folder import is_rank_zero
-from fvl.train.checkpointing import AtomicCheckpointIO, FVLCheckpoint, Start, resolve_start, save_pair
+from fvl.train.checkpointing import (
+    AtomicCheckpointIO,
+    FVLCheckpoint,
+    Start,
+    resolve_start,
+    save_gathered_weights,
+    save_pair,
+)
 from fvl.train.hardware import check_strategy, resolve_hardware, world_size
 from fvl.train.module import FVLModule, build_module
 from fvl.train.strategy import build_strategy, is_sharded
@@ -215,7 +221,9 @@ def finish(
     run = start.run
     save_pair(trainer, module.model, run.ckpt("last"), {"global_step": str(trainer.global_step)})
     if is_sharded(trainer.strategy):  # the model weights of a sharded run: gathered once, at the end
-        save_final_weights(trainer, module, run.weights("last"))
+        save_gathered_weights(
+            trainer, module.model, run.weights("last"), {"global_step": str(trainer.global_step)}
+        )
     best = run.weights("best")
     first, last = losses.summary()
     return RunResult(
@@ -230,20 +238,6 @@ def finish(
         val_loss=val_loss,
         info=run.info,
     )
-
-
-def save_final_weights(trainer: L.Trainer, module: FVLModule, path: Path) -> None:
-    """A sharded run's model weights as one safetensors file: every rank takes part in gathering the full
-    state (a collective) and rank 0 writes it. (An unsharded run writes its pair with ``save_pair``.)"""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(
-        module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if trainer.is_global_zero:
-        metadata = {"global_step": str(trainer.global_step)}
-        save_checkpoint(module.model, path, extra_metadata=metadata, state_dict=state)
-    trainer.strategy.barrier()
 
 
 class LossRecorder(L.Callback):

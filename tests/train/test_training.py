@@ -275,6 +275,7 @@ def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
         sys.executable, "-m", "fvl.cli", "train", str(EXPERIMENTS / "finetune.yaml"), *env["overrides"], "init_from=",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp", "data.batch_size=4",
         "train.global_batch_size=8", "data.val_samples=8", "train.checkpoint_every_n_steps=2", "name=fsdp",
+        "train.val_every_n_steps=2",  # a best checkpoint at step 2
         *REAL_PRECISION, "train.optimizer=adamw_fused",  # the real presets' optimizer and checkpointing
         "model.llm.gradient_checkpointing=true", "model.llm.keep_activations=1",
     ]  # fmt: skip
@@ -291,6 +292,26 @@ def test_two_process_fsdp_on_cpu_finishes_loads_and_resumes(env):
     with safe_open(str(ckpt / "last.safetensors"), "pt") as f:
         assert f.get_tensor("projector.0.weight").dtype == torch.float32  # the master weights
         assert f.get_tensor("vision.davit.convs.0.conv.weight").dtype == torch.bfloat16  # frozen, stored bf16
+    # the best weights are gathered whole when they change, and are what the run folder stands for
+    assert (ckpt / "best.ckpt").is_dir() and (ckpt / "best.safetensors").exists()
+    load_checkpoint(ckpt / "best.safetensors")
+    from fvl.runs.weights import find_weights
+
+    assert find_weights(runs[0]).path == ckpt / "best.safetensors"
+    # a sharded folder alone (a run that stopped early) consolidates on one process to the same weights,
+    # and init_from / fvl eval read the folder itself
+    from safetensors.torch import load_file
+
+    from fvl.convert.consolidate import consolidate
+    from fvl.models.loading import load_weights_file
+
+    whole = load_file(str(ckpt / "last.safetensors"))
+    out = consolidate(ckpt / "last.ckpt", env["root"] / "consolidated.safetensors")
+    assert load_file(str(out)).keys() == whole.keys()
+    for key, value in load_file(str(out)).items():
+        assert torch.equal(value, whole[key]), key
+    model = load_weights_file(ckpt / "last.ckpt")  # rebuilt from the run's config, the folder read whole
+    assert torch.equal(model.projector[0].weight.detach(), whole["projector.0.weight"])
     res = subprocess.run([*base, "trainer.max_steps=5", "resume=last"], capture_output=True, text=True, timeout=600,
                          cwd=env["root"])  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
