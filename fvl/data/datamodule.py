@@ -27,7 +27,7 @@ from fvl.data.feature_cache.store import (
 from fvl.data.plan import EpochBatches, PlanSettings
 from fvl.data.reader import Catalog, PlannedLoader, ShardReader, as_is
 from fvl.data.recipes import Recipe, load_recipe, resolve_recipe_path
-from fvl.data.shards import MANIFEST, build, load_manifest
+from fvl.data.shards import MANIFEST, build, load_manifest, recipe_drift
 from fvl.data.shardset import ShardSet, hold_out, shard_set
 from fvl.inputs.collate import collate
 from fvl.inputs.processor import Processor
@@ -66,6 +66,13 @@ def ensure_shards(cfg: DataConfig, max_images: int = 0, world_size: int = 1, pro
         check_recipe(load_manifest(folder), folder, recipe_path)
         if not is_synthetic(recipe):
             manifest = load_manifest(folder)
+            drift = recipe_drift(manifest, recipe)
+            if drift:  # a real recipe's build is not training's to redo (hours, one rank): refuse
+                raise ValueError(
+                    f"{folder}: the shards are not what recipe {recipe_path} now describes: "
+                    + "; ".join(drift)
+                    + f". Rebuild them (only what changed is redone): fvl shards build {recipe_path} --out {folder}"
+                )
             check_image_limit(manifest, folder, recipe_path, recipe.shards.max_images or max_images)
             return manifest
     elif not is_synthetic(recipe):

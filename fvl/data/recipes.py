@@ -22,6 +22,7 @@ source's shards on the next ``fvl shards build`` into the same folder.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,9 +123,13 @@ def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     recipe.sources = parsed
-    recipe.path = str(path)
+    recipe.path = os.path.normpath(os.path.abspath(path))
     _validate(recipe, path.parent, check_files)
     return recipe
+
+
+def _absolute(folder: Path, path: str) -> str:
+    return os.path.normpath(os.path.abspath(folder / Path(path).expanduser()))
 
 
 def _validate(recipe: Recipe, folder: Path, check_files: bool) -> None:
@@ -165,17 +170,11 @@ def _validate(recipe: Recipe, folder: Path, check_files: bool) -> None:
             continue
         if not s.annotations:
             raise RecipeError(f"{key}.annotations is required for format {s.format}")
-        s.annotations = (
-            str((folder / s.annotations).expanduser())
-            if not Path(s.annotations).is_absolute()
-            else s.annotations
-        )
+        # Absolute and normalised (links not followed), so one recipe spelled two ways (relative to its folder,
+        # absolute, through "..") fingerprints alike and its shards are the same shards.
+        s.annotations = _absolute(folder, s.annotations)
         if s.image_root:
-            s.image_root = (
-                str((folder / s.image_root).expanduser())
-                if not Path(s.image_root).is_absolute()
-                else s.image_root
-            )
+            s.image_root = _absolute(folder, s.image_root)
         if check_files:
             if not Path(s.annotations).is_file():
                 raise RecipeError(f"{key}.annotations: file not found: {s.annotations}")

@@ -144,6 +144,31 @@ def stale_reasons(old: Any, new: dict[str, Any]) -> list[str]:
     return reasons
 
 
+def recipe_drift(manifest: dict[str, Any], recipe: Recipe) -> list[str]:
+    """How the recipe as it reads now differs from what the shards were built from (the fingerprints their
+    manifest records), one line per difference: a source added or removed, an annotation file or image
+    folder changed, a setting changed. Empty: the shards are the recipe's."""
+    built = manifest.get("sources", {})
+    settings = dataclasses.replace(recipe.shards, max_images=int(manifest.get("max_images") or 0))
+    lines = []
+    for source in recipe.sources:
+        if source.name not in built:
+            lines.append(f"source {source.name!r} is in the recipe but not in the shards")
+            continue
+        try:
+            now = fingerprint(source, settings)
+        except OSError as e:
+            lines.append(f"source {source.name!r}: {e}")
+            continue
+        old = built[source.name].get("fingerprint")
+        if isinstance(old, dict) and source.format != "synthetic":
+            now["max_images"] = old.get("max_images", now["max_images"])  # the image limit is checked apart
+        lines += [f"source {source.name!r}: {why}" for why in stale_reasons(old, now)]
+    lines += [f"source {name!r} is in the shards but no longer in the recipe" for name in built if
+              name not in {s.name for s in recipe.sources}]  # fmt: skip
+    return lines
+
+
 # ---- files of a source in the output folder ----------------------------------------------------------------
 def _file_pattern(source: str) -> re.Pattern[str]:
     # Anchored on the exact name: source "a" must not claim the files of a source "a-b".

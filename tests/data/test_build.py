@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import tracemalloc
 from collections import Counter
@@ -606,3 +607,52 @@ def test_shards_built_for_fewer_images_than_the_model_fits_are_refused_not_read_
         ValueError, match=r"at most 1 image.*skipped 1 sample.*fits up to 2 images.*--max-images 2"
     ):
         ensure_shards(cfg, max_images=2, progress=False)
+
+
+def _grow_captions(root):
+    with open(root / "captions.jsonl", "a") as f:
+        f.writelines(
+            json.dumps({"id": f"new{i}", "image": "rgb.jpg", "caption": "new"}) + "\n" for i in range(20)
+        )
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (_grow_captions, "source 'captions': annotation file changed"),
+        (lambda root: (root / "recipe.yaml").write_text((root / "recipe.yaml").read_text().replace(
+            "  - {name: synth", "  - {name: more, format: synthetic, num_samples: 5}\n  - {name: synth")),
+         "source 'more' is in the recipe but not in the shards"),
+        (lambda root: (root / "recipe.yaml").write_text((root / "recipe.yaml").read_text().replace(
+            "  - {name: synth, format: synthetic, num_samples: 30, task: qa}\n", "")),
+         "source 'synth' is in the shards but no longer in the recipe"),
+        (lambda root: ((root / "pics").symlink_to(root / "images"), (root / "recipe.yaml").write_text(
+            (root / "recipe.yaml").read_text().replace("image_root: images, weight", "image_root: pics, weight"))),
+         "source 'llava': image_root changed"),
+    ],
+)  # fmt: skip
+def test_training_refuses_shards_the_recipe_no_longer_describes_naming_each_difference(
+    tmp_path, change, named
+):
+    from fvl.config.data import DataConfig
+    from fvl.data.datamodule import ensure_shards
+
+    recipe = write_sources(tmp_path / "src")
+    build(load_recipe(recipe), tmp_path / "shards", workers=1)
+    cfg = DataConfig(recipe=str(recipe), shards=str(tmp_path / "shards"))
+    ensure_shards(cfg, progress=False)  # as built: accepted
+    change(tmp_path / "src")
+    with pytest.raises(ValueError, match=re.escape(named) + ".*fvl shards build"):
+        ensure_shards(cfg, progress=False)
+
+
+def test_one_recipe_spelled_two_ways_is_one_recipe(tmp_path, monkeypatch):
+    from fvl.config.data import DataConfig
+    from fvl.data.datamodule import ensure_shards
+
+    recipe = write_sources(tmp_path / "src")
+    build(load_recipe(recipe), tmp_path / "shards", workers=1)
+    monkeypatch.chdir(tmp_path / "src")
+    relative = DataConfig(recipe="recipe.yaml", shards=str(tmp_path / "shards"))
+    assert ensure_shards(relative, progress=False)["sources"].keys() == {"llava", "captions", "synth"}
+    assert load_recipe("../src/recipe.yaml").sources[0].annotations == str(tmp_path / "src" / "llava.json")
