@@ -89,7 +89,7 @@ def tiny_model():
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny pretrain run and one finetune run from it (real ``train`` calls, a private MLflow store),
     built once for the whole session, xdist workers included, and shared by the tests that need trained
-    checkpoints in run folders (evaluation, chat, export, the features notebook). Read-only for its users:
+    checkpoints in run folders (fvl eval, fvl chat, a failing benchmark beside others). Read-only for its users:
     ``{"root", "uri", "pretrain": {...}, "finetune": {...}}`` with each run's ``run_dir``, ``checkpoint``,
     ``mlflow_run_id``."""
     import json

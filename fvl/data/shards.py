@@ -441,6 +441,31 @@ def _build_source(
     return n_tasks
 
 
+def _same_file(a: str, b: str) -> bool:
+    if os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b)):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def refuse_other_recipes_shards(out: Path, recipe: Recipe, prints: dict[str, dict[str, Any]]) -> None:
+    """A build replaces stale shards of its own recipe only: shards in ``out`` that another recipe file built
+    (a same-named recipe elsewhere, a source of the same name) are never deleted; the build is refused."""
+    if not (out / MANIFEST).exists():
+        return
+    built = load_manifest(out)
+    if _same_file(str(built.get("recipe", "")), recipe.path):
+        return
+    clashes = [
+        name for name, source in built.get("sources", {}).items()
+        if name in prints and stale_reasons(source.get("fingerprint"), prints[name])
+    ]  # fmt: skip
+    if clashes:
+        raise ValueError(
+            f"{out} holds shards that recipe {built.get('recipe')} built; building {recipe.path} there would "
+            f"replace its sources {clashes}: build into another folder (--out / data.shards)"
+        )
+
+
 def _owner(first: int, k: int, n: int) -> Callable[[int], bool]:
     """Whether part ``k`` of ``n`` builds a source's task, given the number of its first task."""
     return lambda index: (first + index) % n == k
@@ -459,6 +484,7 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     k, n = parse_part(part)
     prints = {s.name: fingerprint(s, recipe.shards) for s in recipe.sources}
+    refuse_other_recipes_shards(out, recipe, prints)
     trusted = {s.name: remove_stale(out, s.name, prints[s.name]) for s in recipe.sources}
     records: list[dict[str, Any]] = []
 

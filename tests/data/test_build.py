@@ -656,3 +656,18 @@ def test_one_recipe_spelled_two_ways_is_one_recipe(tmp_path, monkeypatch):
     relative = DataConfig(recipe="recipe.yaml", shards=str(tmp_path / "shards"))
     assert ensure_shards(relative, progress=False)["sources"].keys() == {"llava", "captions", "synth"}
     assert load_recipe("../src/recipe.yaml").sources[0].annotations == str(tmp_path / "src" / "llava.json")
+
+
+def test_a_same_named_recipe_never_deletes_the_shards_another_recipe_built(tmp_path):
+    from fvl.config.data import DataConfig
+    from fvl.data.datamodule import ensure_shards
+
+    real = write_sources(tmp_path / "real")
+    build(load_recipe(real), tmp_path / "shards", workers=1)
+    tars = sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))
+    other = tmp_path / "other" / "recipe.yaml"  # the same name, synthetic sources named like the real ones
+    other.parent.mkdir()
+    other.write_text("sources:\n  - {name: llava, format: synthetic, num_samples: 30}\n")
+    with pytest.raises(ValueError, match=r"replace its sources \['llava'\]"):
+        ensure_shards(DataConfig(recipe=str(other), shards=str(tmp_path / "shards")), progress=False)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == tars  # nothing deleted

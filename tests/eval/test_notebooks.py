@@ -98,8 +98,8 @@ def test_compare_fusion_notebook_runs_on_a_sweep(sweep_store, tmp_path):
 
 
 @pytest.mark.e2e
-def test_features_notebook_runs_on_a_checkpoint(tiny_runs, tmp_path):
-    ckpt = tiny_runs["finetune"]["checkpoint"]
+def test_features_notebook_runs_on_a_checkpoint(sweep_store, tmp_path):
+    ckpt = next(r.result.checkpoint for r in sweep_store["runs"] if r.stage == "finetune")
     out = execute(
         NOTEBOOKS_DIR / "features.ipynb", tmp_path, env={"FVL_CHECKPOINT": str(ckpt), "FVL_ALIGN_STEPS": "20"}
     )
