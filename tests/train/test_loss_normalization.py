@@ -117,7 +117,11 @@ class StopInsideAStep(L.Callback):
 def test_a_stop_inside_an_accumulation_waits_for_the_step_and_the_resume_equals_the_whole_run(setting):
     from safetensors.torch import load_file
 
-    common = ["data.batch_size=2", "trainer.max_steps=4", "train.checkpoint_every_n_steps=0"]  # the stop's own
+    common = [
+        "data.batch_size=2",
+        "trainer.max_steps=4",
+        "train.checkpoint_every_n_steps=0",
+    ]  # the stop's own
     whole, _ = step(setting, "whole", *common)
     stopped, _ = step(setting, "stopped", *common, callbacks=[StopInsideAStep(at=6)])  # step 2, micro batch 2
     assert stopped.steps == 2  # the step it was inside finished
