@@ -111,7 +111,8 @@ class TrainerConfig:
     accelerator: ``auto`` | ``cpu`` | ``gpu``.
     devices: devices per node: ``auto`` or a count.
     num_nodes: nodes.
-    strategy: auto, ddp, ddp_spawn, fsdp, deepspeed_stage_2, deepspeed_stage_3 (any Lightning strategy name).
+    strategy: ``auto``, ``ddp`` or ``fsdp`` (fvl's FSDP2 wrapping; both tested on two processes); another Lightning
+      strategy name is passed through, except DeepSpeed's (refused: untested).
     precision: ``auto`` (bf16-mixed where the hardware supports it, else 32-true) or a Lightning precision
       (``bf16-mixed``: autocast over float32 weights; ``32-true``).
     progress: show the Rich progress bar.

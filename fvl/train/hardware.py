@@ -15,7 +15,14 @@ log = logging.getLogger(__name__)
 
 
 def check_strategy(cfg: TrainerConfig) -> None:
-    """ValueError unless ``trainer.strategy`` is ``auto`` or a strategy Lightning knows."""
+    """ValueError unless ``trainer.strategy`` is ``auto`` or a strategy Lightning knows that fvl supports.
+    DeepSpeed is refused: fvl does not test it (its engine scales the loss for accumulation itself, which the
+    token-weighted step loss would then scale twice); use ``fsdp`` (sharded) or ``ddp``."""
+    if cfg.strategy.startswith("deepspeed"):
+        raise ValueError(
+            f"trainer.strategy={cfg.strategy!r}: DeepSpeed is not supported (untested; its loss scaling differs): "
+            "use trainer.strategy=fsdp (sharded parameters, gradients and optimizer state) or ddp"
+        )
     known = ["auto", *StrategyRegistry.available_strategies()]
     if cfg.strategy not in known:
         raise ValueError(f"trainer.strategy={cfg.strategy!r}: expected one of {', '.join(sorted(known))}")

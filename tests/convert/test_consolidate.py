@@ -60,3 +60,25 @@ def test_init_from_a_sharded_folder(tmp_path):
 
 def test_consolidate_refuses_what_is_not_a_sharded_checkpoint(tmp_path):
     assert main(["checkpoints", "consolidate", str(tmp_path)]) == 2
+
+
+def test_resuming_a_sharded_checkpoint_without_fsdp_is_refused_with_the_ways_that_work(tmp_path):
+    import pytest
+
+    from fvl.train.run import train
+
+    run, _ = sharded_run(tmp_path)
+    folder = run / "checkpoints" / "last.ckpt"
+    cfg = load("pretrain", [f"resume={folder}", f"output_dir={tmp_path}", "trainer.strategy=auto"])
+    with pytest.raises(ValueError, match=r"resumes with trainer.strategy=fsdp.*init_from=.*consolidate"):
+        train(cfg)
+
+
+def test_deepspeed_is_refused_before_a_run_folder(tmp_path):
+    import pytest
+
+    from fvl.train.run import train
+
+    with pytest.raises(ValueError, match="DeepSpeed is not supported"):
+        train(load("pretrain", [f"output_dir={tmp_path}", "trainer.strategy=deepspeed_stage_2"]))
+    assert not any(tmp_path.iterdir())

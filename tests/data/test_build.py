@@ -671,3 +671,16 @@ def test_a_same_named_recipe_never_deletes_the_shards_another_recipe_built(tmp_p
     with pytest.raises(ValueError, match=r"replace its sources \['llava'\]"):
         ensure_shards(DataConfig(recipe=str(other), shards=str(tmp_path / "shards")), progress=False)
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == tars  # nothing deleted
+
+
+def test_parts_built_from_different_folders_are_parts_of_one_build(recipe_path, whole, tmp_path, monkeypatch):
+    """--part 0/2 with the recipe named relative to its folder and --part 1/2 with its absolute path, run from
+    elsewhere, are one recipe: neither deletes the other's shards, and they merge to the whole build."""
+    _, manifest = whole
+    out = tmp_path / "parts"
+    monkeypatch.chdir(recipe_path.parent)
+    build(load_recipe(recipe_path.name), out, part="0/2")
+    monkeypatch.chdir(tmp_path)
+    build(load_recipe(str(recipe_path.resolve())), out, part="1/2")
+    merged = merge(out)
+    assert merged["sources"] == manifest["sources"] and merged["shards"] == manifest["shards"]

@@ -98,6 +98,15 @@ def test_two_ranks_with_accumulation_give_the_step_of_one_big_batch(setting):
         assert first(ranks["mlflow_run_id"], metric) == pytest.approx(
             first(big.mlflow_run_id, metric), rel=1e-5
         )
+    # and the gradient itself: AdamW's first step moves every weight by about lr x its gradient's sign
+    # (1e-3), so a gradient element whose sign differed would move its weight 2e-3 apart. (An element whose
+    # gradient is near AdamW's eps turns float noise into ~1e-5: the tolerance sits well between the two.)
+    from safetensors.torch import load_file
+
+    theirs = load_file(str(big.checkpoint))
+    ours = load_file(str(next((root / "ranks").glob("ranks-*/checkpoints/last.safetensors"))))
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-4, msg=key)
 
 
 class StopInsideAStep(L.Callback):
