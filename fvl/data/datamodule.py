@@ -25,7 +25,7 @@ from fvl.data.feature_cache.store import (
     load_cache_manifest,
 )
 from fvl.data.plan import EpochBatches, PlanSettings
-from fvl.data.reader import Catalog, PlannedLoader, ShardReader, as_is
+from fvl.data.reader import ONE_ROW, Catalog, PlannedLoader, ShardReader, as_is
 from fvl.data.recipes import Recipe, load_recipe, resolve_recipe_path
 from fvl.data.shards import MANIFEST, build, load_manifest, recipe_drift
 from fvl.data.shardset import ShardSet, hold_out, shard_set
@@ -320,9 +320,6 @@ class FVLDataModule(L.LightningDataModule):
             batch_size=None,
             collate_fn=as_is,
         )
-
-
-ONE_ROW = -1  # the reader's ``pack`` for one row per micro batch
 
 
 def shards_identity(manifest: dict[str, Any], shards: ShardSet, folder: Path) -> dict[str, dict]:

@@ -252,12 +252,15 @@ class ShardReader(Dataset):
         )
 
 
+ONE_ROW = -1  # ``pack`` for one row per micro batch, however long
+
+
 def batch_of(
     samples: list[Sample], pad_token_id: int, skipped: Counter[str] | dict[str, int], pack: int = 0
 ) -> dict[str, Any]:
     """Collate samples (packed into rows of ``pack`` tokens when > 0) and attach the plain-number counts the
     training step logs without a host sync."""
-    if pack:  # pack < 0: the whole micro batch in one row (flash-attention's variable-length path)
+    if pack:  # ONE_ROW: the whole micro batch in one row (flash-attention's variable-length path)
         capacity = pack if pack > 0 else sum(len(s.input_ids) for s in samples)
         batch = collate_packed(samples, capacity, pad_token_id)
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from fvl.util.files import temp_beside
+from fvl.util.files import replacing
 
 INDEX_SUFFIX = ".idx.npy"
 BLOCK = 512
@@ -81,10 +81,8 @@ def write_index(tar_path: str | Path) -> Path:
     """Scan a finished tar and write its spans beside it (atomically); returns the sidecar's path."""
     target = index_path(tar_path)
     spans = scan(tar_path)
-    tmp = temp_beside(target, suffix=".npy")
-    with open(tmp, "wb") as f:
+    with replacing(target, suffix=".npy") as tmp, open(tmp, "wb") as f:
         np.save(f, spans, allow_pickle=False)
-    os.replace(tmp, target)
     return target
 
 

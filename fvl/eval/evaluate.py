@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from fvl.models.loading import load_weights_file
 from fvl.runs.folder import RunDir
 from fvl.runs.tracking import experiment_id, tracking_uri
 from fvl.runs.weights import find_weights
-from fvl.util.files import temp_beside, write_text_atomic
+from fvl.util.files import replacing, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +204,9 @@ def write_submission(bench: Benchmark, result: EvalResult, folder: Path) -> Path
             f"{bench.name}: this split has no answers and the benchmark has no submission format"
         )
     path = folder / bench.spec.submission.filename
-    tmp = temp_beside(path, suffix=path.suffix)  # the writer picks its format by the suffix (.xlsx)
-    try:  # never a half-written file where the server's file should be
+    # never a half-written file where the server's file should be; the writer picks its format by the suffix
+    with replacing(path, suffix=path.suffix) as tmp:
         bench.spec.submission.write(result.submission, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

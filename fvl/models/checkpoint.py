@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_file, save_model
 from fvl.config import dump_yaml, typed
 from fvl.config.model import ModelConfig
 from fvl.models.florence_vl import FlorenceVL
-from fvl.util.files import temp_beside
+from fvl.util.files import replacing, temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ def model_config(cfg: Any, overrides: dict | None = None) -> ModelConfig:
 
 def config_yaml(cfg: ModelConfig) -> str:
     return dump_yaml(cfg)
-
-
-def _atomic_path(path: Path) -> Path:
-    return temp_beside(path)
 
 
 def save_checkpoint(
@@ -63,7 +59,7 @@ def save_checkpoint(
     ``export``, ``init_from``); the training model itself is left untouched. ``state_dict`` (a sharded run's
     gathered full state) is written instead of the model's own tensors."""
     path = Path(path)
-    tmp = _atomic_path(path)
+    tmp = temp_beside(path)
     cfg = model.cfg
     metadata = {"fvl_format": FORMAT_VERSION, **(extra_metadata or {})}
     if state_dict is not None:
@@ -93,14 +89,9 @@ def _save_state(
 def save_state(cfg: ModelConfig, state: dict[str, torch.Tensor], path: str | Path, **metadata: str) -> Path:
     """A model state (a sharded run's weights read on one process) as an fvl checkpoint of config ``cfg``,
     written atomically, without building the model."""
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
+    with replacing(path) as tmp:
         _save_state(cfg, state, tmp, {"fvl_format": FORMAT_VERSION, **metadata})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def is_lora(model: FlorenceVL) -> bool:

@@ -118,7 +118,7 @@ class RunDir:
         return self.path / CONFIG
 
     def write_config(self, yaml_text: str) -> None:
-        _write_atomic(self.config_path, yaml_text)
+        write_text_atomic(self.config_path, yaml_text)
 
     def config(self):
         """The run's config (``fvl.config.ExperimentConfig``), read from the ``config.yaml`` it wrote."""
@@ -134,7 +134,7 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def write_info(self, info: dict[str, Any]) -> None:
-        _write_atomic(self.path / INFO, json.dumps(info, indent=1, sort_keys=True))
+        write_text_atomic(self.path / INFO, json.dumps(info, indent=1, sort_keys=True))
 
     def update_info(self, **values: Any) -> dict[str, Any]:
         info = {**self.info, **values}
@@ -175,7 +175,3 @@ def _kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind {kind!r}: expected one of {KINDS}")
     return kind
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)

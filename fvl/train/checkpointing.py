@@ -228,6 +228,7 @@ def resolve_start(cfg: ExperimentConfig) -> Start:
     a new folder, initialised from ``init_from`` when set."""
     if cfg.resume:
         ckpt, run = resolve_resume(cfg.resume, cfg.output_dir, cfg.name, cfg.stage.name)
+        refuse_sharded_resume_without_sharding(ckpt, cfg.trainer.strategy)
         return Start(run, resume_ckpt=ckpt)
     start = Start(RunDir.create(cfg.output_dir, cfg.name, cfg.stage.name))
     if cfg.init_from:
@@ -239,6 +240,20 @@ def resolve_start(cfg: ExperimentConfig) -> Start:
     elif cfg.stage.init_stage:
         log.warning("stage %r starts from the model's own initialisation (no init_from)", cfg.stage.name)
     return start
+
+
+def refuse_sharded_resume_without_sharding(ckpt: Path | None, strategy: str) -> None:
+    """A sharded checkpoint (an FSDP run's ``.ckpt`` folder) resumes under FSDP only (another world size then
+    reshards the model and optimizer, and the data plan's check says what changed); under another strategy
+    it is refused with the ways that work."""
+    if ckpt is None or not Path(ckpt).is_dir() or strategy == "fsdp":
+        return
+    ranks = len(list(Path(ckpt).glob("*.distcp")))
+    raise ValueError(
+        f"resume={ckpt}: a sharded checkpoint (an FSDP run's, {ranks} shard file(s)) resumes with "
+        f"trainer.strategy=fsdp, not {strategy!r}; or start a new run from its weights with init_from={ckpt} "
+        f"(fvl checkpoints consolidate {ckpt} writes them as one safetensors file)"
+    )
 
 
 def resolve_resume(resume: str, output_dir: str | Path, name: str, stage: str) -> tuple[Path, RunDir]:

@@ -80,7 +80,7 @@ class FVLModule(L.LightningModule):
         if weighted:
             if batch_idx % self.trainer.accumulate_grad_batches == 0 or self._step_items is None:
                 # the step's supervised tokens on every rank: one all-reduce of a number per step
-                self._step_items = self._sum_over_ranks(float(batch["step_supervised"]))
+                self._step_items = self._over_ranks(float(batch["step_supervised"]), "sum")
             inputs["num_items_in_batch"] = self._step_items
         loss = self.model(inputs).loss
         if not self._finite_everywhere(loss):
@@ -117,11 +117,10 @@ class FVLModule(L.LightningModule):
             return False
         return True
 
-    def _sum_over_ranks(self, value: float) -> torch.Tensor:
-        total = torch.tensor(value, dtype=torch.float32, device=self.device)
-        if self.trainer.world_size > 1:
-            total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        return total
+    def _over_ranks(self, value: torch.Tensor | float, op: str) -> torch.Tensor:
+        """``value`` reduced over every rank (``sum``, ``mean``, ``min``); itself on one process."""
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        return self.trainer.strategy.reduce(value, reduce_op=op) if self.trainer.world_size > 1 else value
 
     def _end_of_step(self, batch_idx: int) -> None:
         """At the step's last micro batch: ``step_loss``, the step's loss over all ranks (token-weighted: the
@@ -129,15 +128,10 @@ class FVLModule(L.LightningModule):
         if not self._at_step_end(batch_idx):
             return
         parts = torch.stack(self._step_parts) if self._step_parts else torch.zeros(1, device=self.device)
+        # token-weighted, each part is (its tokens' loss sum) / (the step's tokens on all ranks): add them all;
+        # per micro batch, average the micro batches' means
         weighted = self._step_items is not None
-        if weighted:  # each part is (its tokens' loss sum) / (the step's tokens on all ranks): add them all
-            value = parts.sum()
-            if self.trainer.world_size > 1:
-                value = self.trainer.strategy.reduce(value, reduce_op="sum")
-        else:
-            value = parts.mean()
-            if self.trainer.world_size > 1:
-                value = self.trainer.strategy.reduce(value, reduce_op="mean")
+        value = self._over_ranks(parts.sum(), "sum") if weighted else self._over_ranks(parts.mean(), "mean")
         self.step_loss = value.detach().float()
         self.log("train/loss", self.step_loss, prog_bar=True, rank_zero_only=True)
         self._step_parts = []
@@ -146,10 +140,7 @@ class FVLModule(L.LightningModule):
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (ranks must agree, or DDP waits forever for a backward
         that one rank skipped): one host sync, plus one small collective with several ranks."""
-        finite = torch.isfinite(loss.detach()).float()
-        if self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        return bool(finite)
+        return bool(self._over_ranks(torch.isfinite(loss.detach()).float(), "min"))
 
     def _skip_nonfinite(self, batch_idx: int) -> None:
         self.nonfinite_skipped += 1

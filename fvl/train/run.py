@@ -65,7 +65,6 @@ def train(exp: ExperimentConfig, callbacks: list[L.Callback] | None = None) -> R
     resolve_recipe_path(exp.data.recipe)  # so does a wrong recipe name
     L.seed_everything(exp.seed, workers=True)
     start = resolve_start(exp)
-    refuse_sharded_resume_without_sharding(start.resume_ckpt, exp.trainer.strategy)
     with start.run.shared(), cpu_threads(exp):
         return _run(exp, start, callbacks or [])
 
@@ -238,20 +237,6 @@ def finish(
         last_loss=last,
         val_loss=val_loss,
         info=run.info,
-    )
-
-
-def refuse_sharded_resume_without_sharding(ckpt: Path | None, strategy: str) -> None:
-    """A sharded checkpoint (an FSDP run's ``.ckpt`` folder) resumes under FSDP only (another world size then
-    reshards the model and optimizer, and the data plan's check says what changed); under another strategy
-    it is refused with the ways that work."""
-    if ckpt is None or not Path(ckpt).is_dir() or strategy == "fsdp":
-        return
-    ranks = len(list(Path(ckpt).glob("*.distcp")))
-    raise ValueError(
-        f"resume={ckpt}: a sharded checkpoint (an FSDP run's, {ranks} shard file(s)) resumes with "
-        f"trainer.strategy=fsdp, not {strategy!r}; or start a new run from its weights with init_from={ckpt} "
-        f"(fvl checkpoints consolidate {ckpt} writes them as one safetensors file)"
     )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -28,11 +30,19 @@ def temp_beside(path: str | Path, suffix: str = "") -> Path:
     return Path(tmp)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """``path`` holds ``text`` after this, or its old content if the process dies during it."""
-    tmp = temp_beside(path)
+@contextmanager
+def replacing(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Write the yielded temporary file (``suffix``: for writers that pick a format by it); when the block
+    ends it replaces ``path`` whole, and when the block raises it is removed and ``path`` is untouched."""
+    tmp = temp_beside(path, suffix)
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``path`` holds ``text`` after this, or its old content if the process dies during it."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)

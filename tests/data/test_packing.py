@@ -80,8 +80,7 @@ def test_under_flash_attention_a_micro_batch_packs_into_the_one_row_transformers
     other. Under ``flash_attention_2`` the reader packs a micro batch into one row, which that check takes."""
     from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
-    from fvl.data.datamodule import ONE_ROW
-    from fvl.data.reader import batch_of
+    from fvl.data.reader import ONE_ROW, batch_of
 
     processor, batch_samples = samples
     rows = batch_of(
