@@ -29,7 +29,8 @@ LAYERS: list[set[str]] = [
     {"assets"},  # built once under a lock: tiny tokenizers, builtin towers, stage 0
     {"models"},
     {"data"},
-    {"train", "eval", "convert"},
+    {"eval"},  # benchmarks, scoring, analysis: what training runs evaluate with
+    {"train", "convert"},
     {"sweep", "bench", "integrations"},
     {"cli"},
 ]

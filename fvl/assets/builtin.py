@@ -3,7 +3,11 @@ cache (``$FVL_CACHE``, default ``~/.cache/fvl``) and from then on loaded from th
 folder is. ``builtin:florence2-tiny``: the tiny Florence-2 trained on its own tasks (``fvl florence2-tiny``).
 
 A build is keyed by everything that decides its weights, so a changed recipe builds anew; concurrent
-processes (DDP ranks, parallel sweep runs) wait for one build under a file lock.
+processes (DDP ranks, parallel sweep runs) wait for one build under a file lock. A folder is complete once it
+exists: it is built under a temporary name and renamed into place.
+
+``builtin:qwen-tiny-tokenizer``: a tokenizer of the Qwen family's form, trained offline on the tiny corpus
+(``fvl.assets.tiny_tokenizers.train_qwen_style``), for ``model.text.tokenizer_path``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ def _florence2_tiny() -> tuple[dict, Callable[[Path], None]]:
     return cfg.key(), lambda out: build(cfg, out, progress=sys.stderr.isatty())
 
 
+@BUILTINS.register("qwen-tiny-tokenizer")
+def _qwen_tiny_tokenizer() -> tuple[dict, Callable[[Path], None]]:
+    from fvl.assets.tiny_tokenizers import QWEN_ADDED, QWEN_SPECIALS, QWEN_SPLIT, VERSION, train_qwen_style
+
+    key = {"version": VERSION, "normalizer": "NFC", "split": QWEN_SPLIT, "specials": QWEN_SPECIALS, "added": QWEN_ADDED}
+    return key, train_qwen_style
+
+
 def builtin_folder(name: str) -> Path:
     """Where ``builtin:NAME`` lives in the cache (whether built yet or not)."""
     from fvl.assets.tiny_tokenizers import cache_root
@@ -55,7 +67,7 @@ def is_builtin(path: str | None) -> bool:
 
 def is_built(path: str | None) -> bool:
     """Whether a ``builtin:NAME`` path's folder exists already (building it takes minutes)."""
-    return is_builtin(path) and (builtin_folder(str(path)[len(PREFIX) :]) / "config.json").exists()
+    return is_builtin(path) and builtin_folder(str(path)[len(PREFIX) :]).is_dir()
 
 
 def resolve(path: str | None) -> str | None:
@@ -64,11 +76,11 @@ def resolve(path: str | None) -> str | None:
         return path
     name = str(path)[len(PREFIX) :]
     folder = builtin_folder(name)
-    if (folder / "config.json").exists():
+    if folder.is_dir():
         return str(folder)
     with building(folder):  # one process builds; the others find its folder
-        if not (folder / "config.json").exists():
-            print(f"building {path} once into {folder} (a few minutes)...", file=sys.stderr, flush=True)
+        if not folder.is_dir():
+            print(f"building {path} once into {folder} (the first use only)...", file=sys.stderr, flush=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
             try:
                 BUILTINS.build(name)[1](tmp)

@@ -1,8 +1,14 @@
-"""Offline tokenizers for the ``tiny`` preset, trained deterministically on first use and cached.
+"""Offline tokenizers for the ``tiny`` presets, trained deterministically on first use and cached.
 
 No hub access is possible (or wanted) in tests: the tiny LLM and tiny Florence-2 get byte-level BPE
 tokenizers trained here on a fixed generated corpus, so any text encodes (bytes fallback) and the same
 files come out every time. They are written to ``$FVL_CACHE/tiny-v{VERSION}`` (default ``~/.cache/fvl``).
+
+``train_qwen_style`` builds one of the Qwen family's form (``builtin:qwen-tiny-tokenizer``, the
+``tiny_qwen3`` preset's): NFC normalisation and Qwen2's pre-tokenizer regex (single digits, contractions) before byte-level BPE, the
+ChatML markers ``<|im_start|>`` / ``<|im_end|>`` and ``<|endoftext|>`` as special tokens, ``<think>`` /
+``</think>`` as ordinary added tokens, no BOS, ``<|im_end|>`` as EOS and ``<|endoftext|>`` as padding - what
+Qwen2.5-Instruct and Qwen3 tokenizers have, with a vocabulary of a thousand instead of 151 thousand.
 """
 
 from __future__ import annotations
@@ -169,6 +175,44 @@ def _train(
     tok.train_from_iterator(_corpus(), trainer=trainer)
     extra = {"unk_token": unk} if unk else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, **extra)
+    fast.save_pretrained(str(out))
+
+
+# Qwen2's pre-tokenizer split (its tokenizer.json): contractions, letters with one leading non-letter, single
+# digits, punctuation runs, newlines, other whitespace.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_ADDED = ["<think>", "</think>"]  # ordinary added tokens in Qwen3's tokenizer (not special)
+
+
+def train_qwen_style(out: Path, vocab_size: int = 1024) -> None:
+    """Write a Qwen-form tokenizer (see the module docstring) trained on the tiny corpus to ``out``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     fast.save_pretrained(str(out))
 
 

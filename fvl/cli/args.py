@@ -8,7 +8,8 @@ litgpt's CLI without a dependency beyond the standard library.
 Supported field types: ``str``, ``int``, ``float``, ``bool`` (a flag), ``X | None``, ``list[X]`` and
 nested dataclasses (flattened into the same parser). ``field(metadata=...)`` keys: ``short`` (an alias
 such as ``"-v"``), ``positional`` (an argument instead of an option), ``repeat`` (a list option given
-once per value: ``--bench a --bench b``) and ``choices``.
+once per value: ``--bench a --bench b``), ``choices``, and ``cli: False`` (a field that only config files
+set: no option, its default kept).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def _add_fields(
     """Add the fields of ``cls`` (defaults from the instance ``base`` when given), flattening nested ones."""
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.metadata.get("cli") is False:
             continue
         where, hint = f"{path}.{f.name}", hints[f.name]
         default = getattr(base, f.name) if base is not None else _default(f)
@@ -174,7 +175,7 @@ def build_parser(cls: type, prog: str) -> argparse.ArgumentParser:
 def _rebuild(cls: type[T], ns: argparse.Namespace) -> T:
     hints, values = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.init:
+        if f.init and f.metadata.get("cli") is not False:
             hint = hints[f.name]
             value = _rebuild(hint, ns) if _is_dataclass_type(hint) else getattr(ns, f.name)
             values[f.name] = list(value) if isinstance(value, list) else value  # never share a default

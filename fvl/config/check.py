@@ -33,3 +33,10 @@ def check(exp: ExperimentConfig) -> None:
             f"train.global_batch_size={exp.train.global_batch_size} is not a multiple of "
             f"data.batch_size={exp.data.batch_size}"
         )
+    towers = exp.model.vision.all_towers()
+    named = [c.partition(".")[2] for c in exp.stage.trainable if c.startswith("vision.")]
+    missing = [t for t in named if t not in towers]
+    if missing:
+        raise ValueError(
+            f"stage.trainable names towers {missing} that the model does not have; its towers: {', '.join(towers)}"
+        )

@@ -27,6 +27,37 @@ def vqa_protocol(name: str) -> str:
 
 
 @dataclass
+class DuringTrainingConfig:
+    """Benchmark scores while a run trains (``eval.during_training``): at every N-th optimizer step the
+    current weights answer each benchmark as ``fvl eval`` does (greedy, the benchmark's own prompts,
+    ``max_new_tokens`` and scoring) and ``eval/<benchmark>/<metric>`` goes to the run's MLflow record at that
+    step, with ``eval/during_training/seconds`` (what it cost). The questions are split over the ranks (FSDP:
+    rank 0 answers them all from the gathered weights); a resumed run evaluates no step twice.
+
+    every_n_steps: evaluate every N optimizer steps (0: never).
+    benchmarks: what to score, named as ``eval.bench`` names them (``synthetic``, NAME=PATH); empty: the
+      synthetic test split.
+    limit: questions per benchmark: the first K of a public one, K synthetic questions (0: all of a public
+      benchmark, ``eval.samples`` synthetic ones).
+    """
+
+    every_n_steps: int = 0
+    benchmarks: list[str] = field(default_factory=list)
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0 or self.limit < 0:
+            raise ValueError("eval.during_training: every_n_steps and limit must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0
+
+    def bench(self) -> list[str]:
+        return list(self.benchmarks) or ["synthetic"]
+
+
+@dataclass
 class EvalConfig:
     """Scoring a checkpoint. Each public benchmark is read, prompted, generated and scored as lmms-eval
     0.3.0 ran it for the paper (the README's evaluation table); the options below change that only when set.
@@ -51,6 +82,8 @@ class EvalConfig:
     device: where the model answers: auto (the GPU when there is one), cpu, cuda, cuda:N.
     dtype: the model's weights while answering: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16,
       float16 (lmms-eval's llava loads LLaVA checkpoints in float16), float32.
+    during_training: benchmark scores at steps of a training run (``DuringTrainingConfig``; experiment
+      YAML only).
     """
 
     bench: list[str] = field(default_factory=lambda: ["synthetic"], metadata={"repeat": True})
@@ -63,6 +96,9 @@ class EvalConfig:
     agreement: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    during_training: DuringTrainingConfig = field(
+        default_factory=DuringTrainingConfig, metadata={"cli": False}
+    )
 
     def __post_init__(self) -> None:
         if self.samples < 0 or self.limit < 0 or self.agreement < 0 or self.batch_size <= 0:

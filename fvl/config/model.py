@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-COMPONENTS = ("vision", "fusion", "projector", "llm")  # what a stage trains or freezes
+COMPONENTS = ("vision", "fusion", "projector", "llm")  # what a stage trains or freezes (and vision.<tower>)
 INITS = ("pretrained", "random")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_MODES = ("auto", "full", "chunked", "fused")  # model.llm.loss, implemented in fvl.models.loss
@@ -44,8 +44,8 @@ def _paper_prompts() -> list[PromptConfig]:
 
 
 @dataclass
-class VisionConfig:
-    """The vision tower.
+class TowerConfig:
+    """One vision tower.
 
     name: registry key: ``florence2`` | ``clip`` | ``siglip``.
     init: ``pretrained`` loads ``path`` (a local folder); ``random`` builds ``arch`` with random weights.
@@ -98,6 +98,56 @@ class VisionConfig:
                 f"model.vision.path={self.path} is set but model.vision.init=random builds a random tower and "
                 "would ignore it: set model.vision.init=pretrained to load it (or drop the path)"
             )
+
+
+GRID_RESAMPLING = ("area", "bilinear")
+
+
+@dataclass
+class VisionConfig(TowerConfig):
+    """The vision tower: the keys of one tower (``TowerConfig``, above), and ``towers``.
+
+    towers: more towers beside this one, by a name of your choosing: ``{siglip: {name: siglip, init:
+      pretrained, path: DIR, image_size: 384}}``. Their features are named ``<name>.<feature>`` in
+      ``model.fusion.features`` (``siglip.layer_-2``); this tower's keep their plain names (``davit``,
+      ``caption``; ``florence2.davit`` names the same; a tower listed under this tower's own name is
+      ignored). A tower is built only when the fusion names one of
+      its features, so a preset can list the towers it offers and a fusion file picks
+      (``experiments/fusion/florence2_siglip.yaml``). Each tower has its own resolution, normalisation,
+      ``frozen_dtype`` and ``compile``; a stage freezes or trains each one as ``vision.<name>`` (this one
+      is ``vision.<its name>``), all of them as ``vision``. Every image is decoded once, at the largest
+      tower's size, and each tower's input is resized from it on the device (bicubic, antialiased) and
+      normalised with that tower's mean and std. Grids that differ (SigLIP-384's 27 x 27, Florence-2-768's
+      24 x 24) are brought to this tower's grid before the fusion, by ``grid_resampling``.
+    grid_resampling: how another tower's token grid becomes this tower's: ``area`` (average pooling over
+      each target cell's area, ``adaptive_avg_pool2d``: every source token counts, the default) or
+      ``bilinear`` (interpolation at the target cells' centres).
+    """
+
+    towers: dict[str, TowerConfig] = field(default_factory=dict)
+    grid_resampling: str = "area"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(self.grid_resampling, GRID_RESAMPLING, "model.vision.grid_resampling")
+        for key in self.towers:
+            if not key.isidentifier():
+                raise ValueError(f"model.vision.towers: {key!r} is not a name (letters, digits, _)")
+
+    def all_towers(self) -> dict[str, TowerConfig]:
+        """Every tower by its name: this one first (under ``name``), then ``towers``. One listed under this
+        tower's own name is left out: ``<name>.<feature>`` names this tower's features (a preset whose main
+        tower is SigLIP and that includes one offering a SigLIP beside it, say)."""
+        return {self.name: self, **{k: t for k, t in self.towers.items() if k != self.name}}
+
+    def in_use(self, features: list[str]) -> dict[str, TowerConfig]:
+        """The towers a fusion of ``features`` needs: this one always, another when a feature is its."""
+        used = {f.partition(".")[0] for f in features if "." in f}
+        return {k: t for k, t in self.all_towers().items() if k == self.name or k in used}
+
+    def decode_size(self, features: list[str]) -> int:
+        """The resolution images are decoded at: the largest tower's in use (each input is resized from it)."""
+        return max(t.image_size for t in self.in_use(features).values())
 
 
 @dataclass

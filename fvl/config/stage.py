@@ -30,7 +30,8 @@ class StageConfig:
     name: the stage's label: run folders ``{name}-{stage}-{time}``, the MLflow tag ``stage``, ``resume=last``
       and ``init_from=latest`` of a later stage find runs by it.
     trainable: components whose parameters train, any of ``vision``, ``fusion``, ``projector``, ``llm``
-      (parameters that cannot reach the output stay frozen and are reported as unused).
+      (parameters that cannot reach the output stay frozen and are reported as unused); with several towers
+      (``model.vision.towers``) ``vision.<name>`` trains one of them (``vision``: all).
     template: chat template of this stage's samples (``plain`` for caption pretraining); empty keeps the
       preset's ``model.text.template``. A non-empty value is written into ``model.text.template``.
     resize_mode: ``square`` (resize) | ``pad`` (pad to square with the mean colour, as LLaVA's SFT does).
@@ -52,9 +53,11 @@ class StageConfig:
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
             raise ValueError(f"stage.name={self.name!r}: use letters, digits and underscores")
-        unknown = [c for c in self.trainable if c not in COMPONENTS]
+        unknown = [c for c in self.trainable if c not in COMPONENTS and not _is_tower_component(c)]
         if unknown:
-            raise ValueError(f"stage.trainable: unknown components {unknown}; known: {', '.join(COMPONENTS)}")
+            raise ValueError(
+                f"stage.trainable: unknown components {unknown}; known: {', '.join(COMPONENTS)}, vision.<tower>"
+            )
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(
                 f"stage.resize_mode={self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}"
@@ -63,3 +66,13 @@ class StageConfig:
             raise ValueError(f"stage.val_task={self.val_task!r}: expected one of {', '.join(VAL_TASKS)}")
         # ``template`` names a registered chat template: written into ``model.text.template``, it is checked
         # with the model's other names (``fvl.models.check``).
+
+
+def _is_tower_component(name: str) -> bool:
+    head, dot, tower = name.partition(".")
+    return head == "vision" and bool(dot) and tower.isidentifier()
+
+
+def trains_vision(trainable: list[str]) -> bool:
+    """Whether a trainable list trains any tower (``vision`` or ``vision.<tower>``)."""
+    return any(c == "vision" or _is_tower_component(c) for c in trainable)

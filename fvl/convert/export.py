@@ -3,8 +3,8 @@ one back into fvl.
 
 The folder: ``llm/`` (``AutoModelForCausalLM`` + tokenizer with the image token), ``vision/`` (the tower's own
 class, e.g. ``Florence2ForConditionalGeneration``, and its preprocessing: ``AutoImageProcessor`` and
-``AutoProcessor`` load there), ``projector.safetensors`` (projector and fusion weights) and
-``fvl_config.yaml``.
+``AutoProcessor`` load there), ``vision_<key>/`` the same for each tower beside it (``model.vision.towers``),
+``projector.safetensors`` (projector and fusion weights) and ``fvl_config.yaml``.
 
 The exported image processor is transformers' own (CLIP's for Florence-2 and CLIP towers, SigLIP's for
 SigLIP), set to fvl's ``square`` transform: resize to the tower's size (bicubic), rescale, normalise with the
@@ -40,13 +40,17 @@ def export(model: FlorenceVL, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.llm.save_pretrained(out / "llm")
     model.tokenizer.save_pretrained(out / "llm")
-    model.vision.save_pretrained(out / "vision")
-    save_image_processor(model, out / "vision")
+    cfg = plain(model.cfg)
+    for key, tower in model.all_towers().items():
+        main = tower is model.vision
+        folder = "vision" if main else f"vision_{key}"
+        tower.save_pretrained(out / folder)
+        save_image_processor(tower, model.cfg.vision.all_towers()[key].name, out / folder)
+        entry = cfg["vision"] if main else cfg["vision"]["towers"][key]
+        entry |= {"init": "pretrained", "path": folder, "tokenizer_path": None}
     heads = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
     heads |= {f"fusion.{k}": v for k, v in model.fusion.state_dict().items()}
     save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(out / PROJECTOR_FILE))
-    cfg = plain(model.cfg)
-    cfg["vision"] |= {"init": "pretrained", "path": "vision", "tokenizer_path": None}
     cfg["llm"] |= {"init": "pretrained", "path": "llm"}
     cfg["text"]["tokenizer_path"] = None
     (out / CONFIG_FILE).write_text(dump_yaml(cfg))
@@ -61,20 +65,17 @@ IMAGE_PROCESSORS = {
 }
 
 
-def save_image_processor(model: FlorenceVL, folder: str | Path) -> None:
-    """Write the tower's preprocessing beside its weights (``preprocessor_config.json``, which fvl also reads
+def save_image_processor(tower, kind: str, folder: str | Path) -> None:
+    """Write a tower's preprocessing beside its weights (``preprocessor_config.json``, which fvl also reads
     back for the mean and std); for Florence-2 also ``Florence2Processor``'s files, so that
-    ``AutoProcessor.from_pretrained(folder)`` gives a working processor."""
+    ``AutoProcessor.from_pretrained(folder)`` gives a working processor. ``kind``: the tower's registry name."""
     import transformers
 
     folder = Path(folder)
-    name = IMAGE_PROCESSORS.get(model.cfg.vision.name)
+    name = IMAGE_PROCESSORS.get(kind)
     if name is None:
-        log.warning(
-            "vision tower %r: no transformers image processor known, none exported", model.cfg.vision.name
-        )
+        log.warning("vision tower %r: no transformers image processor known, none exported", kind)
         return
-    tower = model.vision
     settings: dict[str, Any] = {
         "do_resize": True,
         "size": {"height": tower.image_size, "width": tower.image_size},
@@ -88,7 +89,7 @@ def save_image_processor(model: FlorenceVL, folder: str | Path) -> None:
     }
     if name == "CLIPImageProcessorPil":
         settings["do_center_crop"] = False  # CLIP's own processor crops; fvl resizes the whole image
-    florence = model.cfg.vision.name == "florence2"
+    florence = kind == "florence2"
     if florence:
         # transformers' Florence-2 always keeps the pooled token: placeholders per image = DaViT tokens + 1
         settings["image_seq_length"] = tower.num_tokens + (0 if tower.keep_pooled_token else 1)
@@ -121,6 +122,9 @@ def load_exported(folder: str | Path, overrides: dict | None = None) -> Florence
     folder = Path(folder)
     cfg = read_yaml(folder / CONFIG_FILE)
     cfg["vision"]["path"] = str(folder / cfg["vision"]["path"])
+    for tower in cfg["vision"].get("towers", {}).values():
+        if tower.get("path") and tower.get("init") == "pretrained":  # exported (in use); the others as they were
+            tower["path"] = str(folder / tower["path"])
     cfg["llm"]["path"] = str(folder / cfg["llm"]["path"])
     model = FlorenceVL(model_config(cfg, overrides))
     heads = load_file(str(folder / PROJECTOR_FILE))

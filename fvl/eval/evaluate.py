@@ -75,38 +75,35 @@ def image_prompt(model, prompt: str, n_images: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model,
-    bench: Benchmark,
+    samples: list[EvalSample],
+    max_new_tokens: int,
     batch_size: int = 32,
-    max_new_tokens: int | None = None,
-    progress: bool = True,
-    protocol: dict[str, Any] | None = None,
-    agreement: int = 0,
-) -> EvalResult:
-    """Greedy answers for every sample of ``bench`` (``max_new_tokens``: the benchmark's own unless given)
-    and their scores, aggregated as the benchmark's spec says. ``agreement``: answer the first N samples
-    again one at a time and report how many answers equal the batched ones."""
+    progress: bool = False,
+    label: str = "",
+) -> list[str]:
+    """Greedy answers to ``samples``, in their order, ``batch_size`` prompts at a time."""
     from rich.progress import Progress
 
     model.eval()
-    spec = bench.spec
-    options = spec.protocol(protocol)
-    tokens = max_new_tokens or spec.max_new_tokens
     predictions: list[str] = []
     with Progress(disable=not progress) as bar:
-        task = bar.add_task(f"eval {bench.result_name}", total=len(bench.samples))
-        for start in range(0, len(bench.samples), batch_size):
-            chunk = bench.samples[start : start + batch_size]
-            predictions += _answers(model, chunk, tokens)
+        task = bar.add_task(f"eval {label}", total=len(samples))
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            predictions += _answers(model, chunk, max_new_tokens)
             bar.advance(task, len(chunk))
-    settings = {
-        "lmms_eval_task": bench.task, "lmms_eval_version": LMMS_EVAL_VERSION, "split": bench.split,
-        "max_new_tokens": tokens, "batch_size": batch_size, "samples": len(bench.samples), **options,
-    }  # fmt: skip
+    return predictions
+
+
+def score(
+    bench: Benchmark, predictions: list[str], settings: dict[str, Any], options: dict[str, Any]
+) -> EvalResult:
+    """The benchmark's own scoring of ``predictions`` (one per sample, in order), aggregated overall and per
+    group; a test split's predictions become its submission instead."""
+    spec = bench.spec
     result = EvalResult(bench.result_name, spec.metric, {}, {}, dict(bench.chance), settings=settings)
-    if agreement:
-        result.agreement = batch_agreement(model, bench.samples[:agreement], predictions, tokens, batch_size)
     if not bench.labelled:
         result.submission = list(zip(bench.samples, predictions, strict=True))
         result.records = [{"id": s.id, "prompt": s.prompt, "prediction": p} for s, p in result.submission]
@@ -125,6 +122,50 @@ def evaluate(
         for x in scored
     ]  # fmt: skip
     return result
+
+
+def eval_settings(bench: Benchmark, tokens: int, batch_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    """How a result was produced, stored beside it."""
+    return {
+        "lmms_eval_task": bench.task, "lmms_eval_version": LMMS_EVAL_VERSION, "split": bench.split,
+        "max_new_tokens": tokens, "batch_size": batch_size, "samples": len(bench.samples), **options,
+    }  # fmt: skip
+
+
+def evaluate(
+    model,
+    bench: Benchmark,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    protocol: dict[str, Any] | None = None,
+    agreement: int = 0,
+) -> EvalResult:
+    """Greedy answers for every sample of ``bench`` (``max_new_tokens``: the benchmark's own unless given)
+    and their scores, aggregated as the benchmark's spec says. ``agreement``: answer the first N samples
+    again one at a time and report how many answers equal the batched ones."""
+    options = bench.spec.protocol(protocol)
+    tokens = max_new_tokens or bench.spec.max_new_tokens
+    predictions = predict(model, bench.samples, tokens, batch_size, progress, bench.result_name)
+    result = score(bench, predictions, eval_settings(bench, tokens, batch_size, options), options)
+    if agreement:
+        result.agreement = batch_agreement(model, bench.samples[:agreement], predictions, tokens, batch_size)
+    return result
+
+
+def metrics_of(result: EvalResult) -> dict[str, float]:
+    """A result's numbers under their MLflow keys: ``eval/<bench>/<name>`` overall, ``eval/<bench>/<group>``
+    for each group's headline score and ``eval/<bench>/<group>/<name>`` for its other numbers."""
+    out = {f"eval/{result.benchmark}/{name}": value for name, value in result.aggregate.items()}
+    for group, values in result.groups.items():
+        for name, value in values.items():
+            key = (
+                f"eval/{result.benchmark}/{group}"
+                if name == "score"
+                else f"eval/{result.benchmark}/{group}/{name}"
+            )
+            out[key] = value
+    return out
 
 
 def batch_agreement(
@@ -246,14 +287,8 @@ def log_to_mlflow(
             client.set_tag(run_id, f"eval/{r.benchmark}/{key}", str(value))
         if r.agreement:
             client.log_metric(run_id, f"eval/{r.benchmark}/batch_agreement", r.agreement["agreement"])
-        for name, value in r.aggregate.items():
-            client.log_metric(run_id, f"eval/{r.benchmark}/{name}", value)
-        for group, values in r.groups.items():
-            for name, value in values.items():
-                key = (
-                    f"eval/{r.benchmark}/{group}" if name == "score" else f"eval/{r.benchmark}/{group}/{name}"
-                )
-                client.log_metric(run_id, key, value)
+        for key, value in metrics_of(r).items():
+            client.log_metric(run_id, key, value)
     for p in json_paths:
         client.log_artifact(
             run_id, str(p), artifact_path="eval" if p.parent.name != "submissions" else "eval/submissions"

@@ -48,6 +48,11 @@ class Processor:
     # a processor made by ``dataclasses.replace`` (another max_length, say) starts with its own.
     _tokenized: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # A template whose markers the tokenizer lacks would train on spelled-out markers: refuse it here,
+        # before any data is read (the template's own TemplateError says which and why).
+        self.template.check_tokenizer(self.tokenizer)
+
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id

@@ -72,7 +72,8 @@ class FlopCounter:
         """The constants of a ``FlorenceVL`` as it trains now (its ``requires_grad`` flags). With
         ``cached_features`` (``data.feature_cache``) its batches never run the tower: neither does this."""
         embedding = model.llm.get_input_embeddings().weight
-        upstream_trains = _trains(model.vision) or _trains(model.fusion) or _trains(model.projector)
+        towers_train = _trains(model.vision) or _trains(model.towers)
+        upstream_trains = towers_train or _trains(model.fusion) or _trains(model.projector)
         llm_trains = _trains(model.llm)
         frozen_factor = 4 if (upstream_trains or llm_trains) else 2  # + the input gradient flowing through
         llm = 6 * _params(model.llm, True, embedding) + frozen_factor * _params(model.llm, False, embedding)
@@ -80,7 +81,7 @@ class FlopCounter:
         attention = (
             4 * cfg.num_hidden_layers * cfg.hidden_size * (3 if (upstream_trains or llm_trains) else 1)
         )
-        features_train = _trains(model.vision) or _trains(model.fusion)
+        features_train = towers_train or _trains(model.fusion)
         projector = 6 * _params(model.projector, True) + (4 if features_train else 2) * _params(
             model.projector, False
         )
@@ -112,21 +113,22 @@ class FlopCounter:
 
 
 def _features_forward(model: nn.Module) -> float:
-    """The tower and fusion's forward FLOPs for one image, counted by torch on one blank image."""
+    """The towers' and fusion's forward FLOPs for one image, counted by torch on one blank image."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.vision.parameters()).device
     if device.type == "meta":
         return 0.0
-    size = model.vision.image_size
+    size = model.processor.transform.size
     pixels = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device)
-    modes = [m.training for m in (model.vision, model.fusion)]
-    model.vision.eval()
-    model.fusion.eval()
+    parts = (model.vision, model.towers, model.fusion)
+    modes = [m.training for m in parts]
+    for m in parts:
+        m.eval()
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model.fuse_images(pixels)
     finally:
-        model.vision.train(modes[0])
-        model.fusion.train(modes[1])
+        for m, mode in zip(parts, modes, strict=True):
+            m.train(mode)
     return float(counter.get_total_flops())

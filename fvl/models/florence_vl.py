@@ -5,11 +5,13 @@ Images enter the text as placeholder ids (the tokenizer's image token, expanded 
 and then scatters the projected features into the LLM's input embeddings in order (row-major over the
 batch), so several images per sample and text-only samples need no special path.
 
-Module names are the checkpoint key prefixes: ``vision.*``, ``fusion.*``, ``projector.*``, ``llm.*``.
+Module names are the checkpoint key prefixes: ``vision.*`` (the main tower), ``towers.<key>.*`` (more towers
+beside it, ``model.vision.towers``), ``fusion.*``, ``projector.*``, ``llm.*``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +25,8 @@ from fvl.models.fusion import build_fusion
 from fvl.models.llm import build_llm
 from fvl.models.loss import causal_lm_loss
 from fvl.models.projector import build_projector
-from fvl.models.vision import build_vision_tower
+from fvl.models.vision import VisionTower, build_vision_tower, decode_transform
+from fvl.models.vision.towers import align_grid, by_tower, canonical, tower_input
 from fvl.text import get_template
 from fvl.text.templates import TemplateError
 
@@ -41,12 +44,21 @@ class FlorenceVL(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision, transform = build_vision_tower(cfg.vision)
-        names = list(cfg.fusion.features)
-        self.vision.check_names(names)
-        self.fusion = build_fusion(
-            cfg.fusion, {n: self.vision.feature_dim(n) for n in names}, self.vision.num_tokens
+        self.vision, _ = build_vision_tower(cfg.vision)
+        used = cfg.vision.in_use(list(cfg.fusion.features))
+        self.towers = nn.ModuleDict(
+            {key: build_vision_tower(t)[0] for key, t in used.items() if key != cfg.vision.name}
         )
+        names = [canonical(cfg.vision, n) for n in cfg.fusion.features]
+        unknown = [n for n in names if n not in self.feature_names]
+        if unknown:
+            raise KeyError(f"unknown vision feature(s) {unknown}; the towers have {self.feature_names}")
+        self.fusion = build_fusion(
+            dataclasses.replace(cfg.fusion, features=names),
+            {n: self.feature_dim(n) for n in names},
+            self.vision.num_tokens,
+        )
+        transform = decode_transform(cfg.vision, names)
         self.llm, self.tokenizer = build_llm(cfg.llm, cfg.text)
         self.template = get_template(cfg.text.template)
         d_llm = self.llm.get_input_embeddings().embedding_dim
@@ -72,9 +84,45 @@ class FlorenceVL(nn.Module):
     def hidden_size(self) -> int:
         return self.llm.get_input_embeddings().embedding_dim
 
+    # ---- towers ------------------------------------------------------------------------------------------
+    def all_towers(self) -> dict[str, VisionTower]:
+        """Every tower by its name: the main one (``model.vision.name``) first, then ``model.vision.towers``."""
+        return {self.cfg.vision.name: self.vision, **dict(self.towers.items())}
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Every feature the towers can make, in their canonical spelling (``fvl.models.vision.towers``)."""
+        main, names = self.cfg.vision.name, []
+        for key, tower in self.all_towers().items():
+            names += [n if key == main else f"{key}.{n}" for n in tower.feature_names]
+        return names
+
+    def feature_dim(self, name: str) -> int:
+        """Channel width of a feature (either spelling); an unknown name is a KeyError listing the known."""
+        groups = by_tower(self.cfg.vision, [name])
+        ((key, [(_, own)]),) = groups.items()
+        tower = self.all_towers()[key]
+        if own not in tower.feature_names:
+            raise KeyError(f"unknown vision feature {name!r}; the towers have {self.feature_names}")
+        return tower.feature_dim(own)
+
+    def tower_features(self, pixels: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+        """The features ``names`` of the shared decode ``pixels`` (``uint8``, or normalised floats), each
+        tower given its own input and run once, every feature on the main tower's grid."""
+        towers, main = self.all_towers(), self.processor.transform
+        out: dict[str, torch.Tensor] = {}
+        for key, wanted in by_tower(self.cfg.vision, names).items():
+            tower = towers[key]
+            dtype = next(p.dtype for p in tower.parameters() if p.is_floating_point())
+            x = tower_input(pixels, main, tower.transform()).to(dtype)
+            got = tower.features(x, [own for _, own in wanted])
+            for name, own in wanted:
+                out[name] = align_grid(got[own], self.vision.num_tokens, self.cfg.vision.grid_resampling)
+        return out
+
     # ---- vision -> LLM embeddings --------------------------------------------------------------------------
     def vision_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.vision.parameters())
+        return any(p.requires_grad for t in self.all_towers().values() for p in t.parameters())
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> ``[B, num_image_tokens, d_llm]``: ``project(fuse_images(pixel_values))``."""
@@ -85,11 +133,9 @@ class FlorenceVL(nn.Module):
         cache stores). ``uint8`` images (what the processor makes) are normalised here, on their device, in
         float32 and then cast to the tower's dtype; float pixels are taken as already normalised. The tower
         runs without autograd only when none of its parameters train (a frozen tower), never when a stage
-        trains it."""
-        tower_dtype = next(p.dtype for p in self.vision.parameters() if p.is_floating_point())
-        pixels = self.processor.transform.normalize(pixel_values).to(tower_dtype)
+        trains it. Each tower gets its own input from the one decode (``tower_features``)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
-            features = self.vision.features(pixels, self.fusion.names)
+            features = self.tower_features(pixel_values, self.fusion.names)
         return self.fusion(features)
 
     def project(self, fused: torch.Tensor) -> torch.Tensor:
@@ -100,7 +146,9 @@ class FlorenceVL(nn.Module):
     def features_frozen(self) -> bool:
         """Whether the fused features are a fixed function of the image in this stage (tower and fusion
         train nothing): the condition for a feature cache, and for skipping the tower on a blank image."""
-        return not any(p.requires_grad for m in (self.vision, self.fusion) for p in m.parameters())
+        return not any(
+            p.requires_grad for m in (self.vision, self.towers, self.fusion) for p in m.parameters()
+        )
 
     def embed(
         self,
@@ -140,14 +188,16 @@ class FlorenceVL(nn.Module):
             if image_features is not None:
                 blank = self.project(embeds.new_zeros(1, self.num_image_tokens, self.fusion.output_dim))
             else:
-                size = self.vision.image_size
+                size = self.processor.transform.size
                 blank = self.encode_images(embeds.new_zeros(1, 3, size, size, dtype=torch.float32))
             embeds = embeds + 0.0 * blank.to(embeds.dtype).sum()
         return embeds
 
     def _image_path_trains(self) -> bool:
         return any(
-            p.requires_grad for m in (self.vision, self.fusion, self.projector) for p in m.parameters()
+            p.requires_grad
+            for m in (self.vision, self.towers, self.fusion, self.projector)
+            for p in m.parameters()
         )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
@@ -179,7 +229,7 @@ class FlorenceVL(nn.Module):
         """PIL images or encoded bytes -> ``uint8 [N, 3, S, S]`` at the tower's resolution (``encode_images``
         normalises them)."""
         if not images:
-            size = self.vision.image_size
+            size = self.processor.transform.size
             return torch.empty(0, 3, size, size, dtype=torch.uint8)
         processor = self.processor.with_resize_mode(mode)
         return torch.stack([processor.image(im) for im in images])
@@ -192,11 +242,10 @@ class FlorenceVL(nn.Module):
         return torch.stack([self.processor.transform.normalize(p) for p in pixels])
 
     def fsdp_wrap_classes(self) -> set[type[nn.Module]]:
-        """The repeated blocks of the tower and the LLM: FSDP wrap units (and checkpointing units)."""
+        """The repeated blocks of the towers and the LLM: FSDP wrap units (and checkpointing units)."""
         llm_layers = set(getattr(self.llm, "_no_split_modules", None) or [])
-        return self.vision.wrap_classes() | {
-            type(m) for m in self.llm.modules() if type(m).__name__ in llm_layers
-        }
+        towers = set().union(*(t.wrap_classes() for t in self.all_towers().values()))
+        return towers | {type(m) for m in self.llm.modules() if type(m).__name__ in llm_layers}
 
     @torch.no_grad()
     def generate(
@@ -253,8 +302,9 @@ class FlorenceVL(nn.Module):
         """Components with nothing to train stay in eval mode (no dropout / drop-path in a frozen tower)."""
         super().train(mode)
         if mode:
-            for name in COMPONENTS:
-                params = list(getattr(self, name).parameters())
+            parts = [getattr(self, name) for name in COMPONENTS] + list(self.towers.values())
+            for part in parts:
+                params = list(part.parameters())
                 if params and not any(p.requires_grad for p in params):
-                    getattr(self, name).eval()
+                    part.eval()
         return self

@@ -34,34 +34,68 @@ def set_trainable(
     parameter counts ``{component: {"trainable": n, "frozen": n, "unused": n}}``. With ``llm_adapters_only``
     (LoRA), only the LLM's adapter parameters (``lora_*``) train; its base weights stay frozen. ``label``
     (the stage's name) only titles the log."""
-    unknown = [c for c in trainable if c not in COMPONENTS]
+    towers = model.all_towers()
+    known = [*COMPONENTS, *(f"vision.{t}" for t in model.cfg.vision.all_towers())]
+    unknown = [c for c in trainable if c not in known]
     if unknown:
-        raise ValueError(f"unknown components {unknown}; known: {', '.join(COMPONENTS)}")
-    unused = {f"vision.{n}" for n in model.vision.unused_parameters(model.fusion.names)}
-    frozen_dtype = {c: torch.float32 for c in COMPONENTS}
-    frozen_dtype |= {
-        "vision": DTYPES[model.cfg.vision.frozen_dtype],
-        "llm": DTYPES[model.cfg.llm.frozen_dtype],
-    }
+        raise ValueError(f"unknown components {unknown}; known: {', '.join(known)}")
+    tower_cfgs = model.cfg.vision.all_towers()
+    # (label, module, key prefix, whether it trains, frozen dtype): each tower is a part of ``vision``
+    parts = [
+        (f"vision.{t}" if len(towers) > 1 else "vision", tower, _prefix(model, tower),
+         "vision" in trainable or f"vision.{t}" in trainable, DTYPES[tower_cfgs[t].frozen_dtype])
+        for t, tower in towers.items()
+    ]  # fmt: skip
+    parts += [
+        (c, getattr(model, c), f"{c}.", c in trainable, DTYPES[model.cfg.llm.frozen_dtype] if c == "llm" else torch.float32)
+        for c in COMPONENTS[1:]
+    ]  # fmt: skip
+    unused = _unused(model)
     counts: dict[str, dict[str, int]] = {}
-    for component in COMPONENTS:
+    for label, module, prefix, trains, frozen_dtype in parts:
         c = {"trainable": 0, "frozen": 0, "unused": 0}
-        for name, param in getattr(model, component).named_parameters():
-            full = f"{component}.{name}"
-            train = component in trainable and full not in unused
-            if component == "llm" and llm_adapters_only:
+        for name, param in module.named_parameters():
+            full = f"{prefix}{name}"
+            train = trains and full not in unused
+            if label == "llm" and llm_adapters_only:
                 train = train and "lora_" in name
             param.requires_grad_(train)
             if param.is_floating_point():  # 4-bit (NF4) weights are integers: left as they are
-                param.data = param.data.to(torch.float32 if train else frozen_dtype[component])
+                param.data = param.data.to(torch.float32 if train else frozen_dtype)
             key = "unused" if full in unused else "trainable" if train else "frozen"
             c[key] += param.numel()
-        counts[component] = c
+        counts[label] = c
+    if len(towers) > 1:  # the towers' sum under ``vision`` too: the key every run logs
+        counts["vision"] = {
+            k: sum(counts[f"vision.{t}"][k] for t in towers) for k in ("trainable", "frozen", "unused")
+        }
     model.train(model.training)  # re-apply eval mode to components that no longer train
     lines = [f"trainable parameters{f' for stage {label!r}' if label else ''}:"]
     for component, c in counts.items():
         lines.append(
-            f"  {component:<10} trainable {c['trainable']:>14,}  frozen {c['frozen']:>14,}  unused {c['unused']:>12,}"
+            f"  {component:<16} trainable {c['trainable']:>14,}  frozen {c['frozen']:>14,}  unused {c['unused']:>12,}"
         )
     log.info("\n".join(lines))
     return counts
+
+
+def _prefix(model: FlorenceVL, tower) -> str:
+    """A tower's key prefix in the model's state dict (``vision.``, ``towers.<key>.``)."""
+    if tower is model.vision:
+        return "vision."
+    return next(f"towers.{k}." for k, t in model.towers.items() if t is tower)
+
+
+def _unused(model: FlorenceVL) -> set[str]:
+    """Full names of the tower parameters no fused feature depends on."""
+    from fvl.models.vision.towers import by_tower
+
+    towers, unused = model.all_towers(), set()
+    wanted = by_tower(model.cfg.vision, model.fusion.names)
+    for key, tower in towers.items():
+        own = [name for _, name in wanted.get(key, [])]
+        if own:
+            unused |= {f"{_prefix(model, tower)}{n}" for n in tower.unused_parameters(own)}
+        else:  # a tower whose features are all left out of the fusion: nothing of it counts
+            unused |= {f"{_prefix(model, tower)}{n}" for n, _ in tower.named_parameters()}
+    return unused

@@ -99,9 +99,12 @@ def keep_activations(model: torch.nn.Module, layers: int) -> None:
 
 
 def llm_tokenizer_path(cfg_path: str | None, llm: LLMConfig) -> Path:
-    """Where the LLM tokenizer lives: explicit path, else the LLM's folder, else the built-in tiny one."""
+    """Where the LLM tokenizer lives: explicit path (``builtin:NAME`` for one fvl builds), else the LLM's
+    folder, else the built-in tiny one."""
     if cfg_path:
-        return Path(cfg_path).expanduser()
+        from fvl.assets.builtin import resolve
+
+        return Path(str(resolve(cfg_path))).expanduser()
     if llm.init == "pretrained":
         return require_local_dir(llm.path, "model.llm.path", "causal LM")
     from fvl.assets.tiny_tokenizers import tiny_tokenizer_dirs

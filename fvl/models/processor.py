@@ -1,7 +1,7 @@
 """The processor: what turns conversations and images into model inputs, built from ``cfg.model`` alone.
 
 It holds the LLM tokenizer (with the image placeholder), the chat template, the vision tower's image
-transform and the number of LLM tokens per image. ``build_processor(cfg.model)`` makes one without building
+transform (at the largest tower's size when there are several) and the number of LLM tokens per image. ``build_processor(cfg.model)`` makes one without building
 the model (the tower class and the fusion class answer from the config), so the data side never needs the
 model object; the model exposes the same thing as ``model.processor``, and a test keeps the two equal.
 """
@@ -14,7 +14,7 @@ from fvl.config.model import ModelConfig
 from fvl.inputs.processor import Processor
 from fvl.models.fusion import FUSIONS
 from fvl.models.llm import build_tokenizer
-from fvl.models.vision import VISION_TOWERS
+from fvl.models.vision import VISION_TOWERS, decode_transform
 from fvl.text import get_template
 
 
@@ -41,11 +41,10 @@ def image_tokens_for(cfg: ModelConfig, strict: bool = True) -> int | None:
 
 def build_processor(cfg: ModelConfig, resize_mode: str = "pad") -> Processor:
     """The processor of a model config, without building the model."""
-    tower = VISION_TOWERS.get(cfg.vision.name)
     return Processor(
         build_tokenizer(cfg.llm, cfg.text),
         get_template(cfg.text.template),
-        tower.transform_for(cfg.vision, resize_mode),
+        decode_transform(cfg.vision, cfg.fusion.features, resize_mode),
         image_tokens_for(cfg),
         cfg.text.max_length,
         cfg.text.min_text_tokens,

@@ -44,6 +44,7 @@ from typing import Any
 
 from fvl.config import ConfigError, dump_yaml, load, parse_yaml, read_yaml, typed
 from fvl.config.eval import EvalConfig
+from fvl.config.stage import trains_vision
 from fvl.train.run import RunResult
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def prebuild_caches(sweep: Sweep, extra_overrides: list[str] | None = None) -> N
             log.warning("sweep %s: no shared cache prebuilt for %s: %s: %s", sweep.name, stage_file.stem,
                         type(e).__name__, e)  # fmt: skip
             return
-        if "vision" in cfg.stage.trainable:
+        if trains_vision(cfg.stage.trainable):
             return  # later stages start from a tower this stage changes
 
 

@@ -9,9 +9,13 @@ and its end token; everything else is masked. A sample with nothing to supervise
 ``SupervisionError``; a malformed conversation raises ``TemplateError``. Generation prompts are built by the
 same code, so training and inference see identical token sequences.
 
-Templates (the authors' formats): ``plain`` (stage 1: image + caption + newline), ``phi3`` (ending with the
-tokenizer's EOS, as Phi-3.5's own template does) and ``llama3``. BOS comes from the tokenizer's own
-post-processor in every template: one for Llama 3, not the original's double BOS.
+Templates: the authors' formats ``plain`` (stage 1: image + caption + newline), ``phi3`` (ending with the
+tokenizer's EOS, as Phi-3.5's own template does) and ``llama3``; and ChatML for Qwen-family LLMs: ``chatml``
+(Qwen2.5's template, with its default system prompt) and ``qwen3`` (Qwen3's: no default system prompt, and the
+empty think block ``<think>\n\n</think>\n\n`` its template writes before the last answer, and its generation
+prompt with ``enable_thinking=False``; the block is masked, the answer and its ``<|im_end|>`` supervised). BOS
+comes from the tokenizer's own post-processor in every template: one for Llama 3, not the original's double
+BOS, and none for Qwen, whose tokenizers have none.
 """
 
 from __future__ import annotations
@@ -103,6 +107,30 @@ class ChatTemplate:
     stop: str | None  # the token generation stops at (None: the tokenizer's EOS)
     images_only_prompt: bool = False  # plain: the user turn contributes its image placeholders only
     end_with_eos: bool = False  # a training conversation ends with the tokenizer's EOS (masked)
+    # masked text between the assistant header and the last answer of a training conversation, and after
+    # the assistant header of a generation prompt (qwen3: the empty think block of ``enable_thinking=False``)
+    last_answer_prefix: str = ""
+
+    def special_strings(self) -> list[str]:
+        """The template's marker tokens (``<|im_start|>``, ``<|end|>``...): each must be one token of the
+        tokenizer it is used with, or the rendered text would be spelled out in ordinary tokens."""
+        import re
+
+        text = "".join((self.system, self.user, self.answer_end, self.after_answer, self.last_answer_prefix))
+        return sorted(set(re.findall(r"<\|[a-z_]+\|>", text)))
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Raise ``TemplateError`` when a marker of this template is not a single token of ``tokenizer``
+        (``model.text.template`` and the tokenizer come from different model families)."""
+        missing = [
+            s for s in self.special_strings() if len(tokenizer(s, add_special_tokens=False).input_ids) != 1
+        ]
+        if missing:
+            raise TemplateError(
+                f"chat template {self.name!r} uses {missing}, which the tokenizer "
+                f"({type(tokenizer).__name__}, {len(tokenizer)} tokens) does not have as single tokens: "
+                "model.text.template must match the LLM's tokenizer (model.text.tokenizer_path / model.llm.path)"
+            )
 
     def segments(
         self,
@@ -119,17 +147,21 @@ class ChatTemplate:
         if system is not None and self.system:
             segs.append((self.system.format(system=system), False))
         image_token = getattr(tokenizer, "image_token", "<image>")
-        for role, text in turns:
+        for i, (role, text) in enumerate(turns):
             if role == "user":
                 if self.images_only_prompt:
                     text = image_token * text.count(image_token)
                 segs.append((self.user.format(text=text), False))
             else:
+                if self.last_answer_prefix and i == len(turns) - 1:
+                    segs.append((self.last_answer_prefix, False))
                 segs.append((text + self.answer_end, True))
                 if self.after_answer:
                     segs.append((self.after_answer, False))
         if add_generation_prompt and (not turns or turns[-1][0] != "user"):
             raise TemplateError("a generation prompt must end with a user turn")
+        if add_generation_prompt and self.last_answer_prefix:
+            segs.append((self.last_answer_prefix, False))
         if self.end_with_eos and not add_generation_prompt and tokenizer.eos_token:
             segs.append((tokenizer.eos_token, False))
         return segs
@@ -266,6 +298,16 @@ _BUILT = {
         system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
         user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
         answer_end="<|eot_id|>", after_answer="", stop="<|eot_id|>",
+    ),
+    "chatml": ChatTemplate(
+        name="chatml", default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        system="<|im_start|>system\n{system}<|im_end|>\n", user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>",
+    ),
+    "qwen3": ChatTemplate(
+        name="qwen3", default_system=None,
+        system="<|im_start|>system\n{system}<|im_end|>\n", user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>", last_answer_prefix="<think>\n\n</think>\n\n",
     ),
 }  # fmt: skip
 for _name, _template in _BUILT.items():

@@ -34,6 +34,7 @@ from fvl.train.checkpointing import (
     save_gathered_weights,
     save_pair,
 )
+from fvl.train.eval_during_training import EvalDuringTraining
 from fvl.train.hardware import check_strategy, resolve_hardware, world_size
 from fvl.train.module import FVLModule, build_module
 from fvl.train.strategy import build_strategy, is_sharded
@@ -117,7 +118,7 @@ def build_datamodule(cfg: ExperimentConfig, module: FVLModule) -> FVLDataModule:
         if not model.features_frozen():
             raise ValueError(
                 f"data.feature_cache: stage {cfg.stage.name!r} trains "
-                f"{[c for c in ('vision', 'fusion') if c in cfg.stage.trainable]}, so the fused features change "
+                f"{[c for c in cfg.stage.trainable if c.startswith(('vision', 'fusion'))]}, so the fused features change "
                 "as it trains; a cache holds a frozen tower's features (use it in finetune or align)"
             )
         identity = identity_of(model, cfg.stage.resize_mode)
@@ -130,8 +131,8 @@ _ONE_FILE = {"save_top_k": 1, "enable_version_counter": False}  # one file per n
 
 
 def build_callbacks(cfg: ExperimentConfig, start: Start) -> list[L.Callback]:
-    """Checkpoints (``last`` every ``checkpoint_every_n_steps``, ``best`` by validation loss) and the
-    progress bar."""
+    """Checkpoints (``last`` every ``checkpoint_every_n_steps``, ``best`` by validation loss), benchmark
+    scores while training (``eval.during_training``) and the progress bar."""
     folder = start.run.checkpoints
     callbacks: list[L.Callback] = []
     if cfg.train.checkpoint_every_n_steps:  # "last", overwritten every N steps (and always at the end)
@@ -157,6 +158,8 @@ def build_callbacks(cfg: ExperimentConfig, start: Start) -> list[L.Callback]:
             )  # fmt: skip
         )
     callbacks.append(StepTimes())
+    if cfg.eval.during_training.enabled:
+        callbacks.append(EvalDuringTraining(cfg, start.run))
     if cfg.trainer.progress:
         from fvl.train.progress import StepProgressBar
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fvl.config.stage import trains_vision
 from fvl.data.feature_cache.store import (
     DTYPES,
     FORMAT_VERSION,
@@ -275,9 +276,9 @@ def side_by_side(model: Any) -> Any:
     from fvl.config.model import FusionConfig
     from fvl.models.fusion import build_fusion
 
-    names = list(model.vision.feature_names)
+    names = list(model.feature_names)  # every tower's
     fusion_cfg = FusionConfig("dbfusion", names)
-    dims = {n: model.vision.feature_dim(n) for n in names}
+    dims = {n: model.feature_dim(n) for n in names}
     model.fusion = build_fusion(fusion_cfg, dims, model.vision.num_tokens)
     model.cfg = dataclasses.replace(model.cfg, fusion=fusion_cfg)
     return model
@@ -308,9 +309,10 @@ def cache_for_stage(
     from fvl.models import build_model, load_for_inference, set_trainable
 
     exp = cfg
-    if "vision" in exp.stage.trainable or exp.data.feature_cache:
+    if trains_vision(exp.stage.trainable) or exp.data.feature_cache:
         return None
-    if checkpoint is None and exp.model.vision.init != "pretrained":
+    towers = exp.model.vision.in_use(list(exp.model.fusion.features)).values()
+    if checkpoint is None and any(t.init != "pretrained" for t in towers):
         return None
     manifest = ensure_shards(exp.data, progress=False)
     samples = shard_set(exp.data.shards, manifest, list(exp.data.sources) or None).total

@@ -65,7 +65,7 @@ def identity_of(model: Any, resize_mode: str) -> dict[str, Any]:
     """What a cache built from ``model`` (a ``FlorenceVL``) depends on: the run using it must match all. (The
     manifest adds the stored ``dtype``, which a run reads whatever it is.)"""
     return {
-        "weights_sha256": weights_sha256(model.vision, model.fusion),
+        "weights_sha256": weights_sha256(model.vision, *model.towers.values(), model.fusion),
         "vision": model.cfg.vision.name,
         "image_size": int(model.vision.image_size),
         "fusion": model.cfg.fusion.name,
@@ -80,7 +80,21 @@ def identity_of(model: Any, resize_mode: str) -> dict[str, Any]:
         "prompt_padding": model.cfg.vision.prompt_padding,
         "keep_pooled_token": bool(model.cfg.vision.keep_pooled_token),
         "layers": list(model.cfg.vision.layers),
+        # more towers beside the main one (none: the key is left out, so older caches still match)
+        **({"towers": _towers_identity(model)} if len(model.towers) else {}),
     }
+
+
+def _towers_identity(model: Any) -> dict[str, Any]:
+    """What shapes the features of the towers beside the main one, besides their weights."""
+    cfgs = {key: model.cfg.vision.towers[key] for key in model.towers}  # the towers built (in use)
+    return {
+        "grid_resampling": model.cfg.vision.grid_resampling,
+        "decode_size": int(model.processor.transform.size),
+        **{key: {"name": t.name, "image_size": int(t.image_size), "layers": list(t.layers),
+                 "prompts": [[p.name, p.text] for p in t.prompts], "prompt_padding": t.prompt_padding,
+                 "keep_pooled_token": bool(t.keep_pooled_token)} for key, t in cfgs.items()},
+    }  # fmt: skip
 
 
 # ---- one sample's entry --------------------------------------------------------------------------------------

@@ -39,8 +39,15 @@ class HFViTTower(VisionTower):
         config = cls._config(cfg)
         return (config.image_size // config.patch_size) ** 2
 
+    @property
+    def _inner(self) -> tuple[nn.Module, str]:
+        """The transformer and its parameters' name prefix: transformers 5 puts embeddings and encoder on the
+        vision model itself, older releases under ``vision_model``."""
+        inner = getattr(self.model, "vision_model", None)
+        return (inner, "vision_model.") if inner is not None else (self.model, "")
+
     def wrap_classes(self) -> set[type[nn.Module]]:
-        return {type(layer) for layer in self.model.vision_model.encoder.layers}
+        return {type(layer) for layer in self._inner[0].encoder.layers}
 
     def compile_units(self) -> list[nn.Module]:
         return [self.model]  # the whole ViT: ``features`` only slices its hidden states
@@ -95,6 +102,7 @@ class HFViTTower(VisionTower):
 
     def unused_parameters(self, names: Sequence[str]) -> set[str]:
         deepest = max(self._index[n] for n in self.check_names(names))
+        prefix = self._inner[1]
         unused = set()
         for n, _ in self.model.named_parameters():
             parts = n.split(".")
@@ -102,7 +110,7 @@ class HFViTTower(VisionTower):
                 layer = int(parts[parts.index("layers") + 1])
                 if layer >= deepest:  # hidden_states[k] is the output of layer k - 1
                     unused.add(f"model.{n}")
-            elif not n.startswith(("vision_model.embeddings", "vision_model.pre_layrnorm")):
+            elif not n.startswith((f"{prefix}embeddings", f"{prefix}pre_layrnorm")):
                 unused.add(f"model.{n}")  # post_layernorm, pooling head: not on the path to hidden states
         return unused
 
