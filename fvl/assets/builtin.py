@@ -42,7 +42,13 @@ def _florence2_tiny() -> tuple[dict, Callable[[Path], None]]:
 def _qwen_tiny_tokenizer() -> tuple[dict, Callable[[Path], None]]:
     from fvl.assets.tiny_tokenizers import QWEN_ADDED, QWEN_SPECIALS, QWEN_SPLIT, VERSION, train_qwen_style
 
-    key = {"version": VERSION, "normalizer": "NFC", "split": QWEN_SPLIT, "specials": QWEN_SPECIALS, "added": QWEN_ADDED}
+    key = {
+        "version": VERSION,
+        "normalizer": "NFC",
+        "split": QWEN_SPLIT,
+        "specials": QWEN_SPECIALS,
+        "added": QWEN_ADDED,
+    }
     return key, train_qwen_style
 
 

@@ -190,7 +190,16 @@ QWEN_ADDED = ["<think>", "</think>"]  # ordinary added tokens in Qwen3's tokeniz
 
 def train_qwen_style(out: Path, vocab_size: int = 1024) -> None:
     """Write a Qwen-form tokenizer (see the module docstring) trained on the tiny corpus to ``out``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -123,7 +123,9 @@ def load_exported(folder: str | Path, overrides: dict | None = None) -> Florence
     cfg = read_yaml(folder / CONFIG_FILE)
     cfg["vision"]["path"] = str(folder / cfg["vision"]["path"])
     for tower in cfg["vision"].get("towers", {}).values():
-        if tower.get("path") and tower.get("init") == "pretrained":  # exported (in use); the others as they were
+        if (
+            tower.get("path") and tower.get("init") == "pretrained"
+        ):  # exported (in use); the others as they were
             tower["path"] = str(folder / tower["path"])
     cfg["llm"]["path"] = str(folder / cfg["llm"]["path"])
     model = FlorenceVL(model_config(cfg, overrides))

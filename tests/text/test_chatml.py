@@ -64,7 +64,9 @@ def test_the_tokenizer_has_the_qwen_form(tok):
 def test_ids_equal_the_models_own_chat_template(tok, name, index):
     conv = CONVERSATIONS[index]
     template = get_template(name)
-    own = tok.apply_chat_template(_messages(conv), chat_template=JINJA[name], tokenize=True, return_dict=False)
+    own = tok.apply_chat_template(
+        _messages(conv), chat_template=JINJA[name], tokenize=True, return_dict=False
+    )
     ours = template.tokenize(conv, tok, image_tokens=1)
     assert ours.input_ids == own
     answers = [t["value"] for t in conv if t["from"] == "gpt"]
@@ -84,7 +86,9 @@ def test_generation_prompts_equal_the_models_own(tok, name, index):
 def test_qwen3_masks_the_empty_think_block_and_writes_it_only_before_the_last_answer(tok):
     t = get_template("qwen3").tokenize(CONVERSATIONS[3], tok, image_tokens=2)
     text = tok.decode(t.input_ids)
-    assert text.count("<think>\n\n</think>\n\n") == 1 and text.endswith("<think>\n\n</think>\n\nno<|im_end|>\n")
+    assert text.count("<think>\n\n</think>\n\n") == 1 and text.endswith(
+        "<think>\n\n</think>\n\nno<|im_end|>\n"
+    )
     think = tok.convert_tokens_to_ids("<think>")
     assert t.labels[t.input_ids.index(think)] == IGNORE_INDEX
     assert t.input_ids.count(tok.image_token_id) == 4 and t.num_images == 2
