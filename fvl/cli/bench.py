@@ -12,16 +12,17 @@ class BenchArgs:
     which: images (decode + preprocess per image at 768 px), loader (the shard reader in-process and with
       workers, PNGs and JPEG photos), packing (padded vs packed training steps at LLaVA-like lengths),
       cache (make finetune's configuration with and without a feature cache, samples/s), features (Florence-2 feature extraction, fvl's way vs a full forward per prompt, at base size; the
-      large size on a GPU), pretrain (the median of three runs of make pretrain's command, shard build
+      large size on a GPU), towers (each tower of Florence-2 + SigLIP-so400m per image: ms, GFLOPs, tokens,
+      channels; --tiny for the tiny preset's), pretrain (the median of three runs of make pretrain's command, shard build
       included) and / or step (a training step of the shipped 3B finetune configuration at real size, with
       MFU; a GPU check). Each writes its figures into benchmarks/latest.json.
     samples: images per kind for the loader benchmark (at most 24 for images).
-    tiny: run step on the tiny preset (a CPU smoke test of the GPU check).
+    tiny: run step and towers on the tiny preset (a CPU smoke test of the GPU check).
     json: write the step figures to this JSON file too.
     fsdp: run step under fvl's FSDP2 sharding (over the processes torchrun starts; one without it) and
       consolidate the final safetensors.
     batch: micro batch of step (0: the configuration's).
-    device: where features runs (``cuda`` on a GPU machine).
+    device: where features and towers run (``cuda`` on a GPU machine).
     compile: features with the tower compiled (model.vision.compile).
     """
 
@@ -29,7 +30,7 @@ class BenchArgs:
         default_factory=lambda: ["images", "loader", "packing"],
         metadata={
             "positional": True,
-            "choices": ("images", "loader", "packing", "cache", "features", "pretrain", "step"),
+            "choices": ("images", "loader", "packing", "cache", "features", "towers", "pretrain", "step"),
         },
     )
     samples: int = 64

@@ -15,19 +15,23 @@ class SweepArgs:
     overrides: dot-list overrides applied to every run.
     parallel: grid points trained side by side, each in a worker process (0: the sweep YAML's parallel).
     no_notebook: skip the sweep's notebook (its ``notebook:``) at the end.
+    with_optional: add the sweep's ``optional`` values to its grid (the fusion sweep's Florence-2 + SigLIP).
     """
 
     sweep: str = field(metadata=_POS)
     overrides: list[str] = field(default_factory=list, metadata=_POS)
     parallel: int = 0
     no_notebook: bool = False
+    with_optional: bool = False
 
 
 def sweep(args: SweepArgs) -> int:
     from fvl.sweep.runner import load_sweep, print_sweep_summary, report, run_sweep
 
-    spec = load_sweep(args.sweep)
-    runs = run_sweep(args.sweep, args.overrides, parallel=args.parallel or None)
+    spec = load_sweep(args.sweep, args.with_optional)
+    runs = run_sweep(
+        args.sweep, args.overrides, parallel=args.parallel or None, with_optional=args.with_optional
+    )
     print_sweep_summary(spec.name, runs)
     ok = all(r.status == "ok" for r in runs)
     if spec.notebook is not None and not args.no_notebook and runs:

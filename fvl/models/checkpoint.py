@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from fvl.config import dump_yaml, typed
 from fvl.config.model import ModelConfig
@@ -165,5 +165,22 @@ def load_checkpoint(path: str | Path, overrides: dict | None = None) -> Florence
     if "fvl_config" not in meta:
         raise ValueError(f"{path}: not an fvl checkpoint (no fvl_config in its metadata)")
     model = FlorenceVL(model_config(meta["fvl_config"], overrides))
-    missing, unexpected = load_model(model, str(path), strict=True)
+    load_state_strict(model, load_file(str(path)))
     return model
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict(strict=True)`` where a tensor the model shares under several names (tied input and
+    output embeddings: Qwen3, Llama 3.2) may come under any one of them: safetensors' ``save_model`` keeps one
+    name of each shared tensor, a gathered FSDP state keeps all; both load. Anything else missing or extra is
+    an error, as strict loading says."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    state = dict(state)
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        if len(names) > 1 and present:
+            for n in names:
+                state.setdefault(n, state[present[0]])
+    model.load_state_dict(state, strict=True)

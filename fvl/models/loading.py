@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fvl.models.checkpoint import load_checkpoint, model_config
+from fvl.models.checkpoint import load_checkpoint, load_state_strict, model_config
 from fvl.models.florence_vl import FlorenceVL
 from fvl.runs.folder import RunDir
 from fvl.runs.weights import find_weights
@@ -37,17 +37,15 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     ``.ckpt`` folder (an FSDP run's)."""
     path = Path(path)
     if path.is_dir():
-        model.load_state_dict(read_sharded_model_state(path), strict=True)
+        load_state_strict(model, read_sharded_model_state(path))
         return
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
-        load_model(model, str(path), strict=True)
+        load_state_strict(model, load_file(str(path)))
         return
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(
-        {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}, strict=True
-    )
+    load_state_strict(model, {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
 
 
 def load_weights_file(path: str | Path) -> FlorenceVL:

@@ -16,6 +16,8 @@ notebook: compare_fusion            # optional: `fvl sweep` ends by executing th
 grid:                               # the cartesian product of the axes
   fusion: [../fusion/dbfusion.yaml, ../fusion/avg_pool.yaml]   # YAML files: merged on top, labelled by stem
   seed: [0, 1]                      # values of the config key named by the axis
+optional:                           # values added to an axis only when a launch asks (fvl sweep --with-optional)
+  fusion: [../fusion/florence2_siglip.yaml]
 ```
 Each run is tagged ``sweep`` and ``axis_<axis>`` (its label on that axis). A failed run is reported (and the later stages of its grid point skipped); the sweep goes on.
 
@@ -77,12 +79,23 @@ class Sweep:
     notebook: Path | None = None  # executed on the launch at the end of ``fvl sweep`` (``report``)
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, with_optional: bool = False) -> Sweep:
+    """The sweep of a YAML file; ``with_optional``: its ``optional`` values join their axes."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep must be a mapping")
-    known = {"sweep", "stages", "overrides", "grid", "eval", "feature_cache", "parallel", "notebook"}
+    known = {
+        "sweep",
+        "stages",
+        "overrides",
+        "grid",
+        "optional",
+        "eval",
+        "feature_cache",
+        "parallel",
+        "notebook",
+    }
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (expected {', '.join(sorted(known))})")
@@ -92,14 +105,15 @@ def load_sweep(path: str | Path) -> Sweep:
     for s in stages:
         if not s.exists():
             raise ConfigError(f"{path}: stage file {s} not found")
-    axes = {}
-    for axis, values in (raw.get("grid") or {}).items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: grid.{axis} must be a non-empty list")
-        axes[axis] = [
-            (path.parent / v).resolve() if isinstance(v, str) and v.endswith((".yaml", ".yml")) else v
-            for v in values
-        ]
+    axes = {
+        axis: _axis_values(path, "grid", axis, values) for axis, values in (raw.get("grid") or {}).items()
+    }
+    for axis, values in (raw.get("optional") or {}).items():
+        if axis not in axes:
+            raise ConfigError(f"{path}: optional.{axis} extends no axis of the grid ({', '.join(axes)})")
+        extra = _axis_values(path, "optional", axis, values)
+        if with_optional:
+            axes[axis] = axes[axis] + [v for v in extra if v not in axes[axis]]
     evaluation = None
     if raw.get("eval"):
         evaluation = typed(EvalConfig, raw["eval"], source=f"{path}: eval")
@@ -112,6 +126,19 @@ def load_sweep(path: str | Path) -> Sweep:
     overrides = list(raw.get("overrides") or [])
     notebook = _notebook_path(path, raw["notebook"]) if raw.get("notebook") else None
     return Sweep(raw["sweep"], stages, overrides, axes, path, evaluation, cache, parallel, notebook)
+
+
+def _axis_values(path: Path, section: str, axis: str, values: Any) -> list[Any]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{path}: {section}.{axis} must be a non-empty list")
+    out = [
+        (path.parent / v).resolve() if isinstance(v, str) and v.endswith((".yaml", ".yml")) else v
+        for v in values
+    ]
+    missing = [v for v in out if isinstance(v, Path) and not v.exists()]
+    if missing:
+        raise ConfigError(f"{path}: {section}.{axis}: {missing[0]} not found")
+    return out
 
 
 def _notebook_path(sweep_path: Path, value: Any) -> Path:
@@ -157,10 +184,12 @@ def run_sweep(
     extra_overrides: list[str] | None = None,
     train_fn=None,
     parallel: int | None = None,
+    with_optional: bool = False,
 ) -> list[SweepRun]:
     """Run every grid point's stages; never stops at a failure. Returns one ``SweepRun`` per run, each with
-    the launch's ``sweep_id``, in grid order. ``parallel``: worker processes (default: the sweep's own)."""
-    sweep = load_sweep(path)
+    the launch's ``sweep_id``, in grid order. ``parallel``: worker processes (default: the sweep's own);
+    ``with_optional``: the sweep's ``optional`` values join the grid."""
+    sweep = load_sweep(path, with_optional)
     sweep_id = new_sweep_id(sweep.name)
     workers = parallel or sweep.parallel
     points = grid_points(sweep)

@@ -13,13 +13,14 @@ from fvl.config.train import TrainConfig
 
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Trainable parameters in up to four groups: vision / rest x decay / no decay (biases, norms and
-    other 1-D tensors never decay). The vision tower gets ``vision_lr`` (default ``lr``)."""
+    other 1-D tensors never decay). The vision towers (``vision.*`` and ``towers.*``) get ``vision_lr``
+    (default ``lr``)."""
     vision_lr = cfg.lr if cfg.vision_lr is None else cfg.vision_lr
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "vision" if name.startswith("vision.") else "main"
+        part = "vision" if name.startswith(("vision.", "towers.")) else "main"
         groups.setdefault((part, p.ndim >= 2), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):

@@ -14,7 +14,7 @@ EVERYTHING = stage_trainable("pretrain")
 
 
 def one_batch(model):
-    size = model.vision.image_size
+    size = model.processor.transform.size  # the shared decode's (the largest tower's) size
     samples = []
     for q, a, n in [
         ("<image>\nWhat colour?", "red", 1),
