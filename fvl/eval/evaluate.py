@@ -259,7 +259,9 @@ def log_to_mlflow(
 ) -> str:
     """Metrics ``eval/<bench>/<name>`` (and per group) on the checkpoint's own run when the store has it,
     else on a new run tagged ``eval_of`` in the tracking experiment (given, else the checkpoint's run's,
-    else the default); the JSON files as artifacts. Returns the run id."""
+    else the default); the JSON files as artifacts. Returns the run id. The metrics are logged at the
+    training step of the checkpoint's weights, on the axis of the scores logged while it trained
+    (``eval.during_training``)."""
     from mlflow.tracking import MlflowClient
 
     run = RunDir.of(checkpoint)
@@ -281,19 +283,34 @@ def log_to_mlflow(
             tags={"eval_of": str(checkpoint), "mlflow.runName": f"eval-{checkpoint.stem}"},
         ).info.run_id
         client.set_terminated(run_id)
+    step = checkpoint_step(checkpoint)
     for r in results:
         # how the numbers were produced, beside them (tags: a training run's params are immutable)
         for key, value in r.settings.items():
             client.set_tag(run_id, f"eval/{r.benchmark}/{key}", str(value))
         if r.agreement:
-            client.log_metric(run_id, f"eval/{r.benchmark}/batch_agreement", r.agreement["agreement"])
+            client.log_metric(
+                run_id, f"eval/{r.benchmark}/batch_agreement", r.agreement["agreement"], step=step
+            )
         for key, value in metrics_of(r).items():
-            client.log_metric(run_id, key, value)
+            client.log_metric(run_id, key, value, step=step)
     for p in json_paths:
         client.log_artifact(
             run_id, str(p), artifact_path="eval" if p.parent.name != "submissions" else "eval/submissions"
         )
     return run_id
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The training step of a checkpoint's weights (its safetensors metadata), 0 when it does not say."""
+    if checkpoint.suffix != ".safetensors":
+        return 0
+    from fvl.models.checkpoint import read_metadata
+
+    try:
+        return int(read_metadata(checkpoint).get("global_step", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def print_results(result: EvalResult) -> None:

@@ -234,7 +234,7 @@ def test_cli_builds_a_cache_and_reports_errors_in_one_line(env, tmp_path, capsys
 @pytest.mark.integration
 def test_training_reads_the_cache_and_sweeps_build_it_on_their_own(env, tmp_path):
     """A real finetune run (2 loader workers) with the cache: it trains, logs samples/s, and the tower never
-    runs; then a sweep builds and uses a cache for its finetune stage by itself (the tiny preset's random
+    runs for its batches (the benchmark scores it logs while training run it on their test images); then a sweep builds and uses a cache for its finetune stage by itself (the tiny preset's random
     tower trains in pretrain: no cache there, one for finetune, of all four features side by side)."""
     import lightning as L
 
@@ -242,15 +242,34 @@ def test_training_reads_the_cache_and_sweeps_build_it_on_their_own(env, tmp_path
     common = [*env["base"], f"output_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "trainer.progress=false",
               "train.log_every_n_steps=1", "data.num_workers=2"]  # fmt: skip
 
+    from fvl.train.eval_during_training import EvalDuringTraining
+
     class NoTower(L.Callback):
+        """The tower never runs for training batches; only the benchmark scores while training (test
+        images, no cache) run it."""
+
         def on_fit_start(self, trainer, module):
-            module.model.vision.features = lambda *a, **k: pytest.fail("the tower ran")
+            tower, own = module.model.vision, module.model.vision.features
+            tower.features = lambda *a, **k: pytest.fail("the tower ran")
+            scorer = next(c for c in trainer.callbacks if isinstance(c, EvalDuringTraining))
+            evaluate = scorer.evaluate
+
+            def evaluate_with_the_tower(*args, **kwargs):
+                tower.features = own
+                try:
+                    return evaluate(*args, **kwargs)
+                finally:
+                    tower.features = lambda *a, **k: pytest.fail("the tower ran")
+
+            scorer.evaluate = evaluate_with_the_tower
 
     cfg = load(EXPERIMENTS / "finetune.yaml", [*common, "trainer.max_steps=12", "train.lr=1e-3",
-                                               f"init_from={env['checkpoint']}", f"data.feature_cache={env['root'] / 'fp32'}"])  # fmt: skip
+                                               f"init_from={env['checkpoint']}", f"data.feature_cache={env['root'] / 'fp32'}",
+                                               "eval.during_training.every_n_steps=6", "eval.during_training.limit=7"])  # fmt: skip
     result = train(cfg, callbacks=[NoTower()])
     assert result.steps == 12 and result.last_loss < result.first_loss
     client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "eval/synthetic/score")] == [6, 12]
     assert client.get_metric_history(result.mlflow_run_id, "train/samples_per_s")
     assert client.get_run(result.mlflow_run_id).data.params["data.feature_cache"] == str(env["root"] / "fp32")
 

@@ -32,7 +32,8 @@ def sweep_store(tmp_path_factory):
         f"sweep: nbtest\nstages: [{desk / 'pretrain.yaml'}, {desk / 'finetune.yaml'}]\nparallel: 2\n"
         "notebook: compare_fusion\n"
         f"overrides: [model.vision.path={root / 'tower'}, trainer.max_steps=2, data.batch_size=8, "
-        "train.global_batch_size=8, trainer.progress=false, trainer.cpu_threads=1, data.num_workers=0]\n"
+        "train.global_batch_size=8, trainer.progress=false, trainer.cpu_threads=1, data.num_workers=0, "
+        "eval.during_training.every_n_steps=1, eval.during_training.limit=14]\n"
         "eval: {samples: 14}\n"
         f"grid:\n  fusion: [{variants}]\n  seed: [0, 1]\n"
     )
@@ -87,6 +88,8 @@ def test_compare_fusion_notebook_runs_on_a_sweep(sweep_store, tmp_path):
     assert "left out: 1 runs of other launches" in shown
     assert re.search(r"minus_ocr\s+2\s+2\n", shown) and re.search(r"dbfusion\s+2\s+2\n", shown)  # n per stage
     assert "finetune: runs scored per variant: {'dbfusion': 2, 'minus_ocr': 2}" in shown
+    # scores while training: per-skill learning curves of both variants, in both stages (steps 1 and 2)
+    assert "finetune: learning curves of 7 skills for 2 variants (dbfusion, minus_ocr)" in shown
     assert "difference from dbfusion, per seed:" in shown and "95 % bootstrap interval" in shown
     assert "image/png" in text and "normalised_mean_over_skills" in text and "vs_dbfusion" in text
     assert re.search(r"\s+dbfusion\s+2\s+\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", shown)  # scores, intervals

@@ -45,6 +45,16 @@ def test_scores_at_the_steps_asked_equal_fvl_eval_and_a_resume_repeats_none(env)
     again = metrics_of(evaluate(model, resolve_benchmark("synthetic", 14), batch_size=7, progress=False))
     logged = client.get_run(first.mlflow_run_id).data.metrics
     assert {k: logged[k] for k in again} == pytest.approx(again)
+    # fvl eval afterwards logs at the step of the weights it scored: on the same axis, and the run's latest
+    from fvl.config.eval import EvalConfig
+    from fvl.eval.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(first.run_dir / "checkpoints" / "last.safetensors", EvalConfig(samples=21),
+                                 tracking=cfg.tracking, progress=False)  # fmt: skip
+    history = client.get_metric_history(first.mlflow_run_id, "eval/synthetic/score")
+    assert [m.step for m in history] == [2, 4, 4]
+    latest = client.get_run(first.mlflow_run_id).data.metrics["eval/synthetic/score"]
+    assert latest == pytest.approx(report.results[0].aggregate["score"])
     # fvl eval's JSON, one folder per evaluation
     written = json.loads(
         (first.run_dir / "eval" / "during_training" / "step-4" / "synthetic.json").read_text()
@@ -58,6 +68,7 @@ def test_scores_at_the_steps_asked_equal_fvl_eval_and_a_resume_repeats_none(env)
     assert resumed.mlflow_run_id == first.mlflow_run_id
     steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, SECONDS_KEY)]
     assert steps == [2, 4, 6]  # step 4 (the resume's start) is not evaluated again
+    assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "eval/synthetic/score")] == [2, 4, 4, 6]
 
 
 @pytest.mark.integration
