@@ -45,7 +45,7 @@ def bench_towers(tiny: bool = False, batch: int = 2, repeats: int = 3, device: s
     towers, main = model.all_towers(), model.processor.transform
     wanted = by_tower(cfg.vision, model.fusion.names)
 
-    def extract(key: str):
+    def features_of(key: str):
         tower = towers[key]
         x = tower_input(pixels, main, tower.transform()).to(dtype)
         return tower.features(x, [own for _, own in wanted[key]])
@@ -53,10 +53,10 @@ def bench_towers(tiny: bool = False, batch: int = 2, repeats: int = 3, device: s
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     figures: dict[str, dict] = {}
     with torch.inference_mode():
-        outputs = {key: extract(key) for key in wanted}  # warm-up
+        outputs = {key: features_of(key) for key in wanted}  # warm-up
         for key in wanted:
             with FlopCounterMode(display=False) as counter:
-                extract(key)
+                features_of(key)
             out = next(iter(outputs[key].values()))
             began = time.perf_counter()
             for f in outputs[key].values():
@@ -69,7 +69,7 @@ def bench_towers(tiny: bool = False, batch: int = 2, repeats: int = 3, device: s
                 "image_size": int(tower_input(pixels[:1], main, towers[key].transform()).shape[-1]),
                 "align_ms": 1000 * (time.perf_counter() - began) / batch,
             }
-        seconds = timed_alternating({key: (lambda k=key: extract(k)) for key in wanted}, repeats, sync)
+        seconds = timed_alternating({key: (lambda k=key: features_of(k)) for key in wanted}, repeats, sync)
     for key, s in seconds.items():
         figures[key]["ms_per_image"] = 1000 * s / batch
     return {

@@ -39,6 +39,6 @@ def info(args: InfoArgs) -> int:
     )
     for component, c in counts.items():
         print(
-            f"  {component:<10} trainable {c['trainable']:>14,}  frozen {c['frozen']:>14,}  unused {c['unused']:>12,}"
+            f"  {component:<16} trainable {c['trainable']:>14,}  frozen {c['frozen']:>14,}  unused {c['unused']:>12,}"
         )
     return 0

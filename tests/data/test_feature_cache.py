@@ -269,7 +269,8 @@ def test_training_reads_the_cache_and_sweeps_build_it_on_their_own(env, tmp_path
     result = train(cfg, callbacks=[NoTower()])
     assert result.steps == 12 and result.last_loss < result.first_loss
     client = MlflowClient(uri)
-    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "eval/synthetic/score")] == [6, 12]
+    scores = client.get_metric_history(result.mlflow_run_id, "eval/synthetic/score")
+    assert [m.step for m in scores] == [6, 12]
     assert client.get_metric_history(result.mlflow_run_id, "train/samples_per_s")
     assert client.get_run(result.mlflow_run_id).data.params["data.feature_cache"] == str(env["root"] / "fp32")
 
@@ -287,3 +288,34 @@ def test_training_reads_the_cache_and_sweeps_build_it_on_their_own(env, tmp_path
     built = json.loads((caches[0] / MANIFEST).read_text())
     assert os.path.basename(built["checkpoint"]).endswith(".safetensors")
     assert built["identity"]["features"] == ["davit", "caption", "ocr", "grounding"]
+
+
+def test_a_cache_of_two_towers_holds_both_and_gives_their_loss(env, tmp_path):
+    """A Florence-2 + SigLIP model's cache: every tower's features, fused, with the towers' own loss; also
+    side by side (``--all-features``: each tower's every feature), which the same model reads by subset."""
+    from fvl.models import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = load("finetune", [*env["base"], "model.fusion.features=[davit,caption,siglip.layer_-2]"])
+    model = build_model(cfg.model).train()
+    set_trainable(model, FINETUNE)
+    checkpoint = save_checkpoint(model, tmp_path / "two.safetensors")
+    for out, every in ((tmp_path / "fused", False), (tmp_path / "all", True)):
+        build_features(checkpoint, env["root"] / "shards", out, ["synthetic_qa"], dtype="float32", num_workers=0,
+                       all_features=every)  # fmt: skip
+        built = json.loads((out / MANIFEST).read_text())["identity"]
+        assert "siglip.layer_-2" in built["features"] and built["towers"]["siglip"]["image_size"] == 56
+        plain = first_batches(env, model)
+        dm = build_datamodule(
+            load("finetune", [*env["base"], f"data.feature_cache={out}"]),
+            processor=model.processor,
+            feature_identity=identity_of(model, "pad"),
+            fusion=model.fusion,
+        )  # fmt: skip - what a run passes: a subset is fused as read
+        dm.setup()
+        cached = next(iter(dm.train_dataloader()))
+        assert cached["image_features"].shape[-1] == 160  # 64 + 64 + 32: the model's own fusion
+        torch.testing.assert_close(loss_and_grads(model, cached)[0], loss_and_grads(model, plain)[0],
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert json.loads((tmp_path / "all" / MANIFEST).read_text())["identity"]["features"] == [
+        "davit", "caption", "ocr", "grounding", "siglip.layer_-2"]  # fmt: skip

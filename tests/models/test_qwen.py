@@ -115,3 +115,18 @@ def test_tied_weights_load_whether_a_file_holds_one_name_or_both(qwen3, tmp_path
         load_state_strict(again, {**state, "llm.extra.weight": torch.zeros(1)})
     with pytest.raises(RuntimeError, match="Missing"):
         load_state_strict(again, {k: v for k, v in state.items() if not k.startswith("projector.")})
+
+
+def test_the_export_loads_in_plain_transformers_with_the_tie_and_the_same_logits(qwen3, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fvl.convert.export import export
+
+    folder = export(qwen3, tmp_path / "export")
+    llm = AutoModelForCausalLM.from_pretrained(folder / "llm").eval()
+    assert llm.config.tie_word_embeddings and llm.lm_head.weight is llm.get_input_embeddings().weight
+    tok = AutoTokenizer.from_pretrained(folder / "llm")
+    assert tok.convert_tokens_to_ids("<image>") == qwen3.image_token_id and tok.bos_token is None
+    ids = torch.tensor([tok("<|im_start|>user\nWhat colour?<|im_end|>\n").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(llm(ids).logits, qwen3.llm.eval()(ids).logits)
