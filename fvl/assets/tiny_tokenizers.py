@@ -157,14 +157,13 @@ def _corpus(seed: int = 0, n: int = 3000) -> list[str]:
     return lines
 
 
-def _train(
-    vocab_size: int, specials: list[str], bos: str, eos: str, pad: str, unk: str | None, out: Path
-) -> None:
+def _bpe(vocab_size: int, specials: list[str], pre_tokenizer=None):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on the tiny corpus (``pre_tokenizer``: what splits
+    the text before the bytes; default: byte-level's own split)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -173,6 +172,15 @@ def _train(
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def _train(
+    vocab_size: int, specials: list[str], bos: str, eos: str, pad: str, unk: str | None, out: Path
+) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe(vocab_size, specials)
     extra = {"unk_token": unk} if unk else {}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, **extra)
     fast.save_pretrained(str(out))
@@ -190,34 +198,17 @@ QWEN_ADDED = ["<think>", "</think>"]  # ordinary added tokens in Qwen3's tokeniz
 
 def train_qwen_style(out: Path, vocab_size: int = 1024) -> None:
     """Write a Qwen-form tokenizer (see the module docstring) trained on the tiny corpus to ``out``."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    split = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=QWEN_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok = _bpe(vocab_size, QWEN_SPECIALS, split)
+    tok.normalizer = normalizers.NFC()
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
