@@ -36,7 +36,9 @@ def _fvl(root, *args):
 
 
 @pytest.mark.e2e
-def test_qwen3_with_siglip_beside_florence2_on_two_ranks_scores_while_training_and_exports(tmp_path):
+def test_qwen3_with_siglip_beside_florence2_on_two_ranks_scores_while_training_and_exports(
+    tmp_path, monkeypatch
+):
     root = tmp_path
     synthetic_recipe(root / "recipe.yaml", captions=120, qa=120, per_shard=40)
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -76,9 +78,13 @@ def test_qwen3_with_siglip_beside_florence2_on_two_ranks_scores_while_training_a
         and "llm.model.layers.0.self_attn.q_norm.weight" in keys
     )
 
-    _fvl(root, "eval", runs["finetune"], "--samples", "7")
+    # the CLI's own entry point, in this process (a fresh interpreter per command would add only start-up)
+    from fvl.cli import main
+
+    monkeypatch.chdir(root)  # where a command without a tracking store of its own looks (as the runs did)
+    assert main(["eval", str(runs["finetune"]), "--samples", "7", "--runs", str(root / "runs")]) == 0
     assert (runs["finetune"] / "eval" / "synthetic.json").exists()
-    _fvl(root, "export", weights, root / "export")
+    assert main(["export", str(weights), str(root / "export")]) == 0
     from transformers import AutoConfig, AutoTokenizer
 
     llm = AutoConfig.from_pretrained(root / "export" / "llm")
