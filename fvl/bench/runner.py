@@ -67,6 +67,7 @@ def bench_step(
     batch: int = 0,
     overrides: list[str] | None = None,
     cached: bool = False,
+    preset: str = "florence_vl_3b_finetune",
 ) -> dict[str, float]:
     """The shipped ``florence_vl_3b_finetune`` configuration at real size with random init: its precision
     (float32 master weights, frozen tower in bf16, bf16 autocast), gradient checkpointing, optimizer,
@@ -76,7 +77,8 @@ def bench_step(
     the full state and writes the consolidated safetensors once, as a training run ends. ``batch`` overrides
     the micro batch; ``overrides``: more config overrides (e.g. ``train.optimizer=adamw_fused``).
     ``cached=True`` steps as a run with ``data.feature_cache`` does: the batch carries the images' fused
-    features (bf16, computed once beforehand) and the tower never runs.
+    features (bf16, computed once beforehand) and the tower never runs. ``preset``: another real-size
+    experiment (``florence_vl_8b_finetune``).
 
     Model FLOPs per step: ``fvl.models.flops`` (the count training logs as ``train/mfu``): linear layers
     6 / 4 / 2 x parameters per real token as they train / pass a gradient / only run forward, attention per
@@ -94,7 +96,7 @@ def bench_step(
     settings = ["init_from=null", "train.warmup_ratio=0", *(overrides or [])]
     if not tiny:
         settings += ["model.vision.init=random", "model.llm.init=random"]
-    cfg = load("finetune" if tiny else "florence_vl_3b_finetune", settings)
+    cfg = load("finetune" if tiny else preset, settings)
     with torch.device(device):  # random init straight on the device
         module = build_module(cfg)
     module.model.train()
@@ -121,7 +123,7 @@ def bench_step(
             data["image_features"] = model.fuse_images(data.pop("pixel_values")).to(torch.bfloat16)
     flops = FlopCounter.of(model).batch(data)
     tokens = data["input_ids"].numel()
-    world, own_group = _shard(model, device) if fsdp else (1, False)
+    world, own_group = _shard(model, device, cfg.trainer.fsdp_gather_dtype) if fsdp else (1, False)
     opt = module.configure_optimizers()["optimizer"]
 
     def step() -> None:
@@ -149,6 +151,7 @@ def bench_step(
     return {
         **extra,
         "strategy": f"fsdp2 over {world} process(es)" if fsdp else "single device",
+        "preset": "tiny" if tiny else preset,
         "feature_cache": cached,
         "overrides": list(overrides or []),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -165,7 +168,7 @@ def bench_step(
     }
 
 
-def _shard(model, device: str) -> tuple[int, bool]:
+def _shard(model, device: str, gather_dtype: str = "float32") -> tuple[int, bool]:
     """FSDP2 with fvl's units over the processes started (a process group of one without a launcher);
     returns the world size and whether the process group was started here."""
     import os
@@ -187,7 +190,7 @@ def _shard(model, device: str) -> tuple[int, bool]:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    shard_model(model, init_device_mesh(device, (dist.get_world_size(),)))
+    shard_model(model, init_device_mesh(device, (dist.get_world_size(),)), gather_dtype)
     return dist.get_world_size(), started
 
 
@@ -287,6 +290,7 @@ def run(
         "packing": lambda m: m.bench_packing(),
         "cache": lambda m: m.bench_cache(),
         "towers": lambda m: m.bench_towers(tiny=tiny, device=device),
+        "fsdp_plan": lambda m: m.bench_fsdp_plan(),
     }
     for name, runner in runners.items():
         if name not in which:

@@ -13,7 +13,8 @@ class BenchArgs:
       workers, PNGs and JPEG photos), packing (padded vs packed training steps at LLaVA-like lengths),
       cache (make finetune's configuration with and without a feature cache, samples/s), features (Florence-2 feature extraction, fvl's way vs a full forward per prompt, at base size; the
       large size on a GPU), towers (each tower of Florence-2 + SigLIP-so400m per image: ms, GFLOPs, tokens,
-      channels; --tiny for the tiny preset's), pretrain (the median of three runs of make pretrain's command, shard build
+      channels; --tiny for the tiny preset's), fsdp_plan (a model of the 3B and 8B FSDP2 steps on 8 and 64
+      GPUs: bytes gathered and reduced, time at NVLink and InfiniBand, MFU; arithmetic), pretrain (the median of three runs of make pretrain's command, shard build
       included) and / or step (a training step of the shipped 3B finetune configuration at real size, with
       MFU; a GPU check). Each writes its figures into benchmarks/latest.json.
     samples: images per kind for the loader benchmark (at most 24 for images).
@@ -30,7 +31,17 @@ class BenchArgs:
         default_factory=lambda: ["images", "loader", "packing"],
         metadata={
             "positional": True,
-            "choices": ("images", "loader", "packing", "cache", "features", "towers", "pretrain", "step"),
+            "choices": (
+                "images",
+                "loader",
+                "packing",
+                "cache",
+                "features",
+                "towers",
+                "fsdp_plan",
+                "pretrain",
+                "step",
+            ),
         },
     )
     samples: int = 64

@@ -40,3 +40,8 @@ def check(exp: ExperimentConfig) -> None:
         raise ValueError(
             f"stage.trainable names towers {missing} that the model does not have; its towers: {', '.join(towers)}"
         )
+    if exp.trainer.fsdp_gather_dtype == "bfloat16" and exp.trainer.precision not in ("bf16-mixed", "auto"):
+        raise ValueError(
+            f"trainer.fsdp_gather_dtype=bfloat16 computes with bf16 weights under autocast: it needs "
+            f"trainer.precision=bf16-mixed, not {exp.trainer.precision}"
+        )

@@ -202,6 +202,9 @@ class LLMConfig:
     keep_activations: with ``gradient_checkpointing``, this many of the last decoder layers keep their
       activations instead (no recompute): spend memory that is left over on speed. A Phi-3.5 layer holds
       about 1 GiB of activations at 8 x 1.1k tokens.
+    compile: compile each decoder layer with ``torch.compile`` (regional compilation, as for the tower: one
+      compiled block serves every layer of its shape, class and parameter names stay, FSDP and gradient
+      checkpointing still find the blocks). The first steps pay the compilation.
     trust_remote_code: run the Python code a pretrained LLM folder ships (``auto_map``) instead of
       transformers' own classes. Off: such code runs with your permissions; turn it on only for a folder you
       trust (a warning says so when it is on).
@@ -222,6 +225,7 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     keep_activations: int = 0
+    compile: bool = False
     trust_remote_code: bool = False
     quantization: str = "none"
     loss: str = "auto"

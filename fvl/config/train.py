@@ -120,6 +120,12 @@ class TrainerConfig:
       -1 leaves a core to each DataLoader worker (cores - ``data.num_workers``, at least 1), N sets N. On
       few cores workers and threads contend: the tiny finetune, whose worker tokenises while its step is
       light, ran 1.2x faster on 2 cores with -1; the pretrain, whose step is heavy, ran slower.
+    fsdp_reduce: with ``strategy=fsdp`` and gradient accumulation: ``micro_batch`` reduce-scatters the
+      gradients after every micro batch (the least memory); ``step`` once per optimizer step, each rank
+      keeping its unsharded float32 gradients in between (one more copy of what trains; far fewer bytes
+      across a slow network: BENCHMARKS.md, "Many GPUs").
+    fsdp_gather_dtype: with ``strategy=fsdp``: ``float32`` gathers the master weights as they are stored;
+      ``bfloat16`` gathers (and computes with) bf16 copies, half the bytes, gradients still reduced in float32.
     """
 
     max_steps: int = 1000
@@ -130,6 +136,8 @@ class TrainerConfig:
     precision: str = "auto"
     progress: bool = True
     cpu_threads: int = 0
+    fsdp_reduce: str = "micro_batch"
+    fsdp_gather_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0:
@@ -144,6 +152,12 @@ class TrainerConfig:
             raise ValueError(f"trainer.devices={self.devices!r}: expected auto or a positive count")
         if self.num_nodes <= 0:
             raise ValueError("trainer.num_nodes must be positive")
+        if self.fsdp_reduce not in ("micro_batch", "step"):
+            raise ValueError(f"trainer.fsdp_reduce={self.fsdp_reduce!r}: expected micro_batch or step")
+        if self.fsdp_gather_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"trainer.fsdp_gather_dtype={self.fsdp_gather_dtype!r}: expected float32 or bfloat16"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         # The strategy name is checked against Lightning's registry by ``fvl.train.hardware``.

@@ -83,15 +83,33 @@ def _build_model(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         keep_activations(model, cfg.keep_activations)
+    if cfg.compile:
+        compile_decoder_layers(model)
     return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LLM's repeated blocks (transformers' ``GradientCheckpointingLayer`` instances), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor", **options) -> int:
+    """Regional compilation (``model.llm.compile``): each decoder layer compiled in place with
+    ``nn.Module.compile``, traced at its first call (after any cast or sharding); the layers share one
+    compiled graph while their shapes agree. Returns how many were compiled. ``backend`` and ``options`` go
+    to ``torch.compile`` (tests pass ``aot_eager``, which skips inductor's C++ build)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend, **options)
+    return len(layers)
 
 
 def keep_activations(model: torch.nn.Module, layers: int) -> None:
     """Let the last ``layers`` decoder layers keep their activations instead of recomputing them in backward
     (the rest stay checkpointed): fewer FLOPs per step for memory, where memory is left over."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = decoder_layers(model)
     if layers > len(blocks):
         raise ValueError(f"model.llm.keep_activations={layers}: the LLM has {len(blocks)} decoder layers")
     for block in blocks[len(blocks) - layers :]:

@@ -17,7 +17,7 @@ from fvl.models import build_model, load_model_weights, set_trainable
 from fvl.models.flops import FlopCounter, peak_tflops
 from fvl.train.adapters import apply_lora
 from fvl.train.optim import build_optimizer, build_scheduler
-from fvl.train.strategy import is_sharded, local, shard_model
+from fvl.train.strategy import ModelParallelStrategy, is_sharded, local, shard_model
 from fvl.util.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -280,8 +280,14 @@ class FVLModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under ``trainer.strategy=fsdp`` (Lightning's ModelParallelStrategy), shard the model with FSDP2."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if type(strategy).__name__ == "ModelParallelStrategy" and not getattr(self, "_sharded", False):
-            shard_model(self.model, self.device_mesh["data_parallel"])
+        if isinstance(strategy, ModelParallelStrategy) and not getattr(self, "_sharded", False):
+            gather = self.cfg.trainer.fsdp_gather_dtype
+            if gather == "bfloat16" and not str(self.trainer.precision).startswith("bf16"):
+                raise ValueError(
+                    f"trainer.fsdp_gather_dtype=bfloat16 needs bf16-mixed precision; this run resolved "
+                    f"trainer.precision to {self.trainer.precision} (set trainer.precision=bf16-mixed)"
+                )
+            shard_model(self.model, self.device_mesh["data_parallel"], gather)
             self._sharded = True
 
     # ---- optimisation --------------------------------------------------------------------------------------

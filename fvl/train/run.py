@@ -178,7 +178,7 @@ def build_trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=build_strategy(cfg.trainer.strategy, world_size(cfg.trainer)),
+        strategy=build_strategy(cfg.trainer.strategy, world_size(cfg.trainer), cfg.trainer.fsdp_reduce),
         precision=precision,
         max_steps=cfg.trainer.max_steps,
         max_epochs=-1,

@@ -156,7 +156,7 @@ def test_every_bench_module_says_its_figures_and_names_a_known_headline():
 
     from fvl.bench.runner import HEADLINES
 
-    for name in ("images", "loader", "features", "pretrain", "packing", "towers"):
+    for name in ("images", "loader", "features", "pretrain", "packing", "towers", "fsdp_plan"):
         module = importlib.import_module(f"fvl.bench.{name}")
         assert callable(module.lines), name
         headline = getattr(module, "HEADLINE", None)

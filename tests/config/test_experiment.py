@@ -200,3 +200,13 @@ def test_a_global_batch_that_the_gpus_cannot_split_names_the_micro_batch_that_fi
         return
     with pytest.raises(ValueError, match=f"set {fits}"):
         cfg.gradient_accumulation(world)
+
+
+def test_the_fsdp_trade_offs_are_checked_keys():
+    cfg = load("finetune", ["trainer.fsdp_reduce=step", "trainer.fsdp_gather_dtype=bfloat16"])
+    assert (cfg.trainer.fsdp_reduce, cfg.trainer.fsdp_gather_dtype) == ("step", "bfloat16")
+    assert load("finetune").trainer.fsdp_reduce == "micro_batch"  # the least memory stays the default
+    with pytest.raises(ConfigError, match="fsdp_reduce"):
+        load("finetune", ["trainer.fsdp_reduce=never"])
+    with pytest.raises(ConfigError, match="fsdp_gather_dtype"):
+        load("finetune", ["trainer.fsdp_gather_dtype=float16"])

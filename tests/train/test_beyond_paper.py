@@ -1,7 +1,7 @@
 """The capabilities beyond the paper in one whole run, under the real presets' settings on CPU stand-ins: a
 Qwen3-architecture LLM (qk-norm, tied embeddings, the qwen3 template on a Qwen-form tokenizer) with a SigLIP
 tower fused beside Florence-2, on two gloo ranks with gradient accumulation, bf16 storage and float32 masters:
-stage 1 under DDP and stage 2 under FSDP, each scoring the synthetic benchmark while it trains (split over
+stage 1 under DDP and stage 2 under FSDP (gradients reduced once per step), each scoring the synthetic benchmark while it trains (split over
 the ranks under DDP, from the gathered weights under FSDP); then ``fvl eval`` and ``fvl export``."""
 
 import json
@@ -51,7 +51,7 @@ def test_qwen3_with_siglip_beside_florence2_on_two_ranks_scores_while_training_a
     ]  # fmt: skip
     _fvl(root, "train", _experiment(root, "pretrain"), *common, "trainer.strategy=ddp", "trainer.max_steps=2")
     _fvl(root, "train", _experiment(root, "finetune"), *common, "trainer.strategy=fsdp", "trainer.max_steps=2",
-         "init_from=latest", "train.optimizer=adamw_fused")  # fmt: skip
+         "init_from=latest", "train.optimizer=adamw_fused", "trainer.fsdp_reduce=step")  # fmt: skip
 
     client = MlflowClient(uri)
     runs = {p.name.split("-")[1]: p for p in (root / "runs").glob("qs-*") if (p / "run.json").exists()}

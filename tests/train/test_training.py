@@ -433,7 +433,7 @@ def test_fsdp_wraps_the_repeated_layers():
     names = {c.__name__ for c in model.fsdp_wrap_classes()}
     assert {"Phi3DecoderLayer", "Florence2VisionBlock", "BartEncoderLayer"} <= names
     strategy = build_strategy("fsdp", world_size=2)
-    assert type(strategy).__name__ == "ModelParallelStrategy"
+    assert type(strategy).__name__ == "FSDPStrategy" and strategy.fsdp_reduce == "micro_batch"
     assert build_strategy("ddp") == "ddp"
 
 

@@ -1,0 +1,103 @@
+"""The prepared GPU script of issue 28: every variant of the real-size finetune step, one after another, each in
+a fresh process (an out-of-memory variant fails alone), with the anchors' vanilla reference first when its
+script is given, all in one call of the lent GPU machine.
+
+    python -m fvl.bench.gpu_round2 --out $OUT [--anchor bench_anchor/gpu_anchor.py] [--only LABEL ...]
+    python -m fvl.bench.gpu_round2 --tiny --out /tmp/r2     # the same code on the tiny preset, on a CPU
+
+Each variant is ``fvl.bench.runner.bench_step`` with config overrides; its figures (ms/step, tokens/s, peak
+GiB, MFU against a bf16 matmul ceiling measured in the same process) go to ``OUT/round2.json`` as they finish,
+so a call that runs out of time keeps what it measured. A variant that needs what the machine lacks
+(bitsandbytes, liger-kernel) records the error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (label, overrides, options): what issue 28 asks to measure, the shipped configuration first
+VARIANTS: list[tuple[str, list[str], dict]] = [
+    ("shipped", [], {}),
+    ("cache", [], {"cached": True}),
+    ("llm_compiled", ["model.llm.compile=true"], {}),
+    ("tower_compiled", ["model.vision.compile=true"], {}),
+    ("adamw_8bit", ["train.optimizer=adamw_8bit"], {}),
+    ("adamw_8bit_keep24", ["train.optimizer=adamw_8bit", "model.llm.keep_activations=24"], {}),
+    ("adamw_8bit_keep32", ["train.optimizer=adamw_8bit", "model.llm.keep_activations=32"], {}),
+    (
+        "adamw_8bit_keep24_compiled",
+        [
+            "train.optimizer=adamw_8bit",
+            "model.llm.keep_activations=24",
+            "model.llm.compile=true",
+            "model.vision.compile=true",
+        ],
+        {},
+    ),  # fmt: skip
+    ("fused_loss", ["model.llm.loss=fused"], {}),
+    ("fsdp_one_gpu", [], {"fsdp": True}),
+    (
+        "fsdp_one_gpu_bf16_gathers",
+        ["trainer.fsdp_gather_dtype=bfloat16", "trainer.precision=bf16-mixed"],
+        {"fsdp": True},
+    ),  # fmt: skip
+    ("8b_batch2", ["data.batch_size=2", "train.global_batch_size=2"], {"preset": "florence_vl_8b_finetune"}),
+]
+
+
+def run_variant(label: str, overrides: list[str], options: dict, tiny: bool) -> dict:
+    """One variant in a fresh Python process; its figures, or the error it ended with."""
+    kwargs = {k: v for k, v in options.items() if not (tiny and k == "preset")}
+    code = (
+        "import json, sys; from fvl.bench.runner import bench_step; "
+        f"r = bench_step(tiny={tiny!r}, overrides={overrides!r}, **{kwargs!r}); print('RESULT ' + json.dumps(r))"
+    )
+    began = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    found = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    out = {"label": label, "overrides": overrides, **{k: v for k, v in options.items()}}
+    if res.returncode == 0 and found:
+        out |= json.loads(found[-1][len("RESULT ") :])
+    else:
+        out["error"] = (res.stderr.strip().splitlines() or ["(no output)"])[-1][:500]
+    out["wall_s"] = time.perf_counter() - began
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for round2.json (and the anchor's output)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset on a CPU: a smoke test")
+    parser.add_argument("--anchor", default="", help="path of the anchors' gpu_anchor.py, run first")
+    parser.add_argument("--only", nargs="*", default=[], help="labels to run (default: all)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"variants": []}
+    if args.anchor:
+        res = subprocess.run([sys.executable, args.anchor, *(["--tiny"] if args.tiny else [])],
+                             capture_output=True, text=True)  # fmt: skip
+        (out / "anchor.txt").write_text(res.stdout + res.stderr)
+        results["anchor_returncode"] = res.returncode
+    unknown = set(args.only) - {label for label, _, _ in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}")
+    for label, overrides, options in VARIANTS:
+        if args.only and label not in args.only:
+            continue
+        r = run_variant(label, overrides, options, args.tiny)
+        results["variants"].append(r)
+        (out / "round2.json").write_text(json.dumps(results, indent=1))
+        shown = (f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.1f} GiB, "
+                 f"MFU {r['mfu']:.1%}") if "mfu" in r else f"error: {r['error']}"  # fmt: skip
+        print(f"{label}: {shown} ({r['wall_s']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
