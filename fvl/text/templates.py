@@ -13,7 +13,9 @@ Templates: the authors' formats ``plain`` (stage 1: image + caption + newline), 
 tokenizer's EOS, as Phi-3.5's own template does) and ``llama3``; and ChatML for Qwen-family LLMs: ``chatml``
 (Qwen2.5's template, with its default system prompt) and ``qwen3`` (Qwen3's: no default system prompt, and the
 empty think block ``<think>\n\n</think>\n\n`` its template writes before the last answer, and its generation
-prompt with ``enable_thinking=False``; the block is masked, the answer and its ``<|im_end|>`` supervised). BOS
+prompt with ``enable_thinking=False``; the block is masked, the answer and its ``<|im_end|>`` supervised), and
+``qwen3_thinking`` (the same training text; its generation prompt is ``enable_thinking=True``'s, ending at the
+assistant header, so the model writes its own think block). BOS
 comes from the tokenizer's own post-processor in every template: one for Llama 3, not the original's double
 BOS, and none for Qwen, whose tokenizers have none.
 """
@@ -110,6 +112,9 @@ class ChatTemplate:
     # masked text between the assistant header and the last answer of a training conversation, and after
     # the assistant header of a generation prompt (qwen3: the empty think block of ``enable_thinking=False``)
     last_answer_prefix: str = ""
+    # what a generation prompt ends with after the assistant header, when it differs from the above
+    # (qwen3_thinking: nothing, so the model writes its own think block)
+    generation_prefix: str | None = None
 
     def special_strings(self) -> list[str]:
         """The template's marker tokens (``<|im_start|>``, ``<|end|>``...): each must be one token of the
@@ -160,8 +165,9 @@ class ChatTemplate:
                     segs.append((self.after_answer, False))
         if add_generation_prompt and (not turns or turns[-1][0] != "user"):
             raise TemplateError("a generation prompt must end with a user turn")
-        if add_generation_prompt and self.last_answer_prefix:
-            segs.append((self.last_answer_prefix, False))
+        prefix = self.last_answer_prefix if self.generation_prefix is None else self.generation_prefix
+        if add_generation_prompt and prefix:
+            segs.append((prefix, False))
         if self.end_with_eos and not add_generation_prompt and tokenizer.eos_token:
             segs.append((tokenizer.eos_token, False))
         return segs
@@ -308,6 +314,12 @@ _BUILT = {
         name="qwen3", default_system=None,
         system="<|im_start|>system\n{system}<|im_end|>\n", user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
         answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>", last_answer_prefix="<think>\n\n</think>\n\n",
+    ),
+    "qwen3_thinking": ChatTemplate(
+        name="qwen3_thinking", default_system=None,
+        system="<|im_start|>system\n{system}<|im_end|>\n", user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        answer_end="<|im_end|>", after_answer="\n", stop="<|im_end|>", last_answer_prefix="<think>\n\n</think>\n\n",
+        generation_prefix="",
     ),
 }  # fmt: skip
 for _name, _template in _BUILT.items():

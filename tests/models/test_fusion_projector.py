@@ -64,9 +64,6 @@ def test_composed_model_token_counts(name, features, llm_tokens, proj_in):
 def test_fusion_errors():
     with pytest.raises(ValueError, match="exactly one feature"):
         FUSIONS.build("single_layer", ["a", "b"], {"a": 1, "b": 1}, N)
-    fusion = FUSIONS.build("avg_pool", ["a", "b"], {"a": 8, "b": 16}, N)
-    with pytest.raises(ValueError, match="one width"):
-        _ = fusion.output_dim
     with pytest.raises(KeyError, match="fusion needs features"):
         FUSIONS.build("dbfusion", ["a"], {"a": 8}, N)({"b": torch.zeros(1, N, 8)})
     with pytest.raises(KeyError, match="unknown fusion"):
@@ -85,3 +82,17 @@ def test_mlp3x_gelu_is_the_papers_projector():
     assert build_projector(ProjectorConfig("mlp2x_gelu", hidden_dim=128), 256, 64)[0].out_features == 128
     lin = build_projector(ProjectorConfig("linear"), 256, 64)
     assert isinstance(lin, nn.Linear) and lin.weight.shape == (64, 256)
+
+
+@pytest.mark.parametrize("name", ["avg_pool", "token_concat"])
+def test_features_of_other_widths_get_a_learned_map_to_the_widest_and_one_width_none(name):
+    fusion = FUSIONS.build(name, ["a", "tower.b"], {"a": 16, "tower.b": 8}, N)
+    assert fusion.output_dim == 16 and list(fusion.adapters) == ["tower__b"]
+    assert (fusion.adapters["tower__b"].in_features, fusion.adapters["tower__b"].out_features) == (8, 16)
+    a, b = torch.randn(2, N, 16), torch.randn(2, N, 8)
+    out = fusion({"a": a, "tower.b": b})
+    mapped = fusion.adapters["tower__b"](b)
+    expected = (a + mapped) / 2 if name == "avg_pool" else torch.cat([a, mapped], dim=1)
+    torch.testing.assert_close(out, expected)
+    plain = FUSIONS.build(name, ["a", "b"], {"a": 16, "b": 16}, N)
+    assert not list(plain.parameters()) and not plain.state_dict()  # parameter-free, as the paper's

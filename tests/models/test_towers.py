@@ -172,3 +172,14 @@ def test_vit_towers_leave_only_what_follows_the_layer_read_unused(tower):
     assert any(".layers.2." in n for n in unused) and not any(".layers.1." in n for n in unused)
     assert {n for n in names if ".layers.0." in n}.isdisjoint(unused)
     assert len(m.vision.wrap_classes()) == 1
+
+
+@pytest.mark.parametrize(("fusion", "tokens", "width"), [("token_concat", 48, 64), ("avg_pool", 16, 64)])
+def test_token_concat_and_average_pooling_take_the_second_tower_too(fusion, tokens, width):
+    model = build_model(two_tower_cfg(f"model.fusion.name={fusion}"))
+    assert (model.num_image_tokens, model.fusion.output_dim) == (tokens, width)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert model.fuse_images(pixels).shape == (2, tokens, width)
+    counts = set_trainable(model, stage_trainable("finetune"))
+    assert counts["fusion"]["trainable"] == 32 * 64 + 64  # SigLIP's 32 channels mapped to 64, learned
+    assert not model.features_frozen()  # a fusion that learns: no feature cache for it

@@ -17,6 +17,8 @@ from tests.text.test_templates import supervised_spans
 
 JINJA = {name: (Path(__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
          for name in ("chatml", "qwen3")}  # fmt: skip
+JINJA["qwen3_thinking"] = JINJA["qwen3"]  # one jinja template; enable_thinking decides the generation prompt
+THINKING = {"chatml": False, "qwen3": False, "qwen3_thinking": True}
 
 
 def _c(*turns, system=None):
@@ -59,7 +61,7 @@ def test_the_tokenizer_has_the_qwen_form(tok):
     assert tok("123", add_special_tokens=False).input_ids == [tok.convert_tokens_to_ids(d) for d in "123"]
 
 
-@pytest.mark.parametrize("name", ["chatml", "qwen3"])
+@pytest.mark.parametrize("name", ["chatml", "qwen3", "qwen3_thinking"])
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
 def test_ids_equal_the_models_own_chat_template(tok, name, index):
     conv = CONVERSATIONS[index]
@@ -74,12 +76,12 @@ def test_ids_equal_the_models_own_chat_template(tok, name, index):
     assert all(label in (IGNORE_INDEX, i) for label, i in zip(ours.labels, ours.input_ids, strict=True))
 
 
-@pytest.mark.parametrize("name", ["chatml", "qwen3"])
+@pytest.mark.parametrize("name", ["chatml", "qwen3", "qwen3_thinking"])
 @pytest.mark.parametrize("index", [0, 3, 5, 6])
 def test_generation_prompts_equal_the_models_own(tok, name, index):
     conv = CONVERSATIONS[index][:-1]  # up to the last user turn
     own = tok.apply_chat_template(_messages(conv), chat_template=JINJA[name], tokenize=True,
-                                  add_generation_prompt=True, enable_thinking=False, return_dict=False)  # fmt: skip
+                                  add_generation_prompt=True, enable_thinking=THINKING[name], return_dict=False)  # fmt: skip
     assert get_template(name).prompt(conv, tok, image_tokens=1).input_ids == own
 
 

@@ -35,9 +35,24 @@ class Fusion(nn.Module):
         missing = [n for n in self.names if n not in features]
         if missing:
             raise KeyError(f"fusion needs features {missing}; got {list(features)}")
-        return [features[n] for n in self.names]
+        adapters = getattr(self, "adapters", None)
+        if not adapters:
+            return [features[n] for n in self.names]
+        return [adapters[_key(n)](features[n]) if _key(n) in adapters else features[n] for n in self.names]
 
-    def _require_equal_dims(self, variant: str) -> int:
-        if len(set(self.dims.values())) != 1:
-            raise ValueError(f"{variant} needs features of one width; got {self.dims}")
-        return next(iter(self.dims.values()))
+    def _common_width(self) -> int:
+        """For a fusion that lines features up element by element (token concat, average pooling): the widest
+        feature's width. Narrower ones (another tower's: Florence-2-large's 1024 beside SigLIP-so400m's 1152)
+        get a learned linear map to it (``adapters``, made once, at construction, and trained with the
+        fusion); features of one width need none, and the fusion stays parameter-free."""
+        width = max(self.dims.values())
+        if not hasattr(self, "adapters"):
+            self.adapters = nn.ModuleDict(
+                {_key(n): nn.Linear(d, width) for n, d in self.dims.items() if d != width}
+            )
+        return width
+
+
+def _key(name: str) -> str:
+    """A feature name as a module key (``siglip.layer_-2`` -> ``siglip__layer_-2``: no dots in module names)."""
+    return name.replace(".", "__")

@@ -6,9 +6,13 @@ from fvl.models.fusion.base import Fusion
 
 
 class TokenConcatFusion(Fusion):
+    def __init__(self, names, dims, tokens) -> None:
+        super().__init__(names, dims, tokens)
+        self._common_width()  # adapters for narrower features (another tower's), made here
+
     @property
     def output_dim(self) -> int:
-        return self._require_equal_dims("token_concat")
+        return self._common_width()
 
     @classmethod
     def tokens_for(cls, n_features: int, in_tokens: int) -> int:
