@@ -40,6 +40,17 @@ VARIANTS: list[tuple[str, list[str], dict]] = [
         {},
     ),  # fmt: skip
     ("fused_loss", ["model.llm.loss=fused"], {}),
+    ("liger_kernels", ["model.llm.kernels=[rms_norm,swiglu,rope]"], {}),
+    (
+        "liger_kernels_fused_loss_8bit_keep24",
+        [
+            "model.llm.kernels=[rms_norm,swiglu,rope]",
+            "model.llm.loss=fused",
+            "train.optimizer=adamw_8bit",
+            "model.llm.keep_activations=24",
+        ],
+        {},
+    ),  # fmt: skip
     ("fsdp_one_gpu", [], {"fsdp": True}),
     (
         "fsdp_one_gpu_bf16_gathers",
@@ -48,6 +59,47 @@ VARIANTS: list[tuple[str, list[str], dict]] = [
     ),  # fmt: skip
     ("8b_batch2", ["data.batch_size=2", "train.global_batch_size=2"], {"preset": "florence_vl_8b_finetune"}),
 ]
+
+
+def kernel_equivalence(model_type: str, device: str = "cuda") -> dict:
+    """Each liger kernel against the eager layers on the GPU (Triton has no CPU path): a 2-layer random LLM of
+    ``model_type`` in float32, forward and backward on the same ids with and without the kernel; the largest
+    relative differences of the logits and of the gradients. Eager references come first: liger's rotary
+    patch is module-level and would reach them too."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fvl.models.kernels import KERNELS, apply_kernels
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1024, pad_token_id=0)  # fmt: skip
+    base = AutoModelForCausalLM.from_config(config).to(device).float()
+    ids = torch.randint(0, 1024, (2, 128), device=device)
+
+    def run(model):
+        model.zero_grad()
+        logits = model(ids).logits
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads
+
+    copies = {k: copy.deepcopy(base) for k in KERNELS}
+    reference = run(base)
+    out = {}
+    for kernel in KERNELS:  # rope last: its patch is global
+        apply_kernels(copies[kernel], [kernel])
+        logits, grads = run(copies[kernel])
+        rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-12))  # noqa: E731
+        out[kernel] = {
+            "logits_rel_diff": rel(logits, reference[0]),
+            "grads_max_rel_diff": max(rel(grads[n], g) for n, g in reference[1].items()),
+        }
+    return out
 
 
 def run_variant(label: str, overrides: list[str], options: dict, tiny: bool) -> dict:
@@ -84,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, text=True)  # fmt: skip
         (out / "anchor.txt").write_text(res.stdout + res.stderr)
         results["anchor_returncode"] = res.returncode
+    if not args.only:  # the kernels' equivalence first: a variant using them means little without it
+        for model_type in ("phi3", "llama"):
+            code = f"import json; from fvl.bench.gpu_round2 import kernel_equivalence; print('RESULT ' + json.dumps(kernel_equivalence({model_type!r})))"
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            found = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+            results[f"kernels_{model_type}"] = (
+                json.loads(found[-1][len("RESULT ") :]) if found else {"error": res.stderr.strip()[-500:]}
+            )
+            print(f"kernels {model_type}: {results[f'kernels_{model_type}']}", flush=True)
     unknown = set(args.only) - {label for label, _, _ in VARIANTS}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")

@@ -202,6 +202,8 @@ class LLMConfig:
     keep_activations: with ``gradient_checkpointing``, this many of the last decoder layers keep their
       activations instead (no recompute): spend memory that is left over on speed. A Phi-3.5 layer holds
       about 1 GiB of activations at 8 x 1.1k tokens.
+    kernels: liger-kernel's Triton kernels in the decoder layers, any of ``rms_norm``, ``swiglu``, ``rope``
+      (CUDA and ``fvl[gpu-kernels]`` only; ``fvl.models.kernels``).
     compile: compile each decoder layer with ``torch.compile`` (regional compilation, as for the tower: one
       compiled block serves every layer of its shape, class and parameter names stay, FSDP and gradient
       checkpointing still find the blocks). The first steps pay the compilation.
@@ -225,6 +227,7 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     keep_activations: int = 0
+    kernels: list[str] = field(default_factory=list)
     compile: bool = False
     trust_remote_code: bool = False
     quantization: str = "none"
@@ -234,6 +237,9 @@ class LLMConfig:
         _check_choice(self.loss, LOSS_MODES, "model.llm.loss")
         if self.keep_activations < 0:
             raise ValueError("model.llm.keep_activations must be >= 0")
+        unknown = [k for k in self.kernels if k not in ("rms_norm", "swiglu", "rope")]
+        if unknown:
+            raise ValueError(f"model.llm.kernels: unknown {unknown}; known: rms_norm, swiglu, rope")
         _check_choice(self.init, INITS, "model.llm.init")
         _check_choice(self.quantization, ("none", "nf4"), "model.llm.quantization")
         if self.quantization != "none" and self.init != "pretrained":

@@ -83,6 +83,10 @@ def _build_model(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         keep_activations(model, cfg.keep_activations)
+    if cfg.kernels:
+        from fvl.models.kernels import apply_kernels
+
+        log.info("liger kernels in the LLM: %s", apply_kernels(model, cfg.kernels))
     if cfg.compile:
         compile_decoder_layers(model)
     return model

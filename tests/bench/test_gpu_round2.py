@@ -17,3 +17,26 @@ def test_every_variant_is_a_valid_configuration(label, overrides, options):
 def test_unknown_labels_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         main(["--tiny", "--out", str(tmp_path), "--only", "nope"])
+
+
+def test_the_kernel_check_compares_each_kernel_with_the_eager_layers(monkeypatch):
+    """The check's own arithmetic on a CPU, liger's patch stood in for by one that changes nothing (then
+    every difference is 0) and by one that scales the RMSNorm weights (then the logits differ)."""
+    from fvl.bench import gpu_round2
+    from fvl.models import kernels
+
+    monkeypatch.setattr(kernels, "apply_kernels", lambda model, names: list(names))
+    same = gpu_round2.kernel_equivalence("phi3", device="cpu")
+    assert set(same) == {"rms_norm", "swiglu", "rope"}
+    assert all(v["logits_rel_diff"] == 0 and v["grads_max_rel_diff"] == 0 for v in same.values())
+
+    def scale_norms(model, names):
+        if "rms_norm" in names:
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.data.mul_(1.5)
+        return list(names)
+
+    monkeypatch.setattr(kernels, "apply_kernels", scale_norms)
+    changed = gpu_round2.kernel_equivalence("llama", device="cpu")
+    assert changed["rms_norm"]["logits_rel_diff"] > 1e-3 and changed["swiglu"]["logits_rel_diff"] == 0
