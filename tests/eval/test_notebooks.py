@@ -104,7 +104,14 @@ def test_compare_fusion_notebook_runs_on_a_sweep(sweep_store, tmp_path):
 def test_features_notebook_runs_on_a_checkpoint(sweep_store, tmp_path):
     ckpt = next(r.result.checkpoint for r in sweep_store["runs"] if r.stage == "finetune")
     out = execute(
-        NOTEBOOKS_DIR / "features.ipynb", tmp_path, env={"FVL_CHECKPOINT": str(ckpt), "FVL_ALIGN_STEPS": "20"}
+        NOTEBOOKS_DIR / "features.ipynb",
+        tmp_path,
+        env={
+            "FVL_CHECKPOINT": str(ckpt),
+            "FVL_ALIGN_STEPS": "20",
+            "FVL_ALIGN_SAMPLES": "128",
+            "FVL_ALIGN_SEEDS": "2",
+        },
     )
     assert out.read_text().count("image/png") >= 2
 
