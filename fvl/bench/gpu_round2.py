@@ -5,6 +5,9 @@ script is given, all in one call of the lent GPU machine.
     python -m fvl.bench.gpu_round2 --out $OUT [--anchor bench_anchor/gpu_anchor.py] [--only LABEL ...]
     python -m fvl.bench.gpu_round2 --tiny --out /tmp/r2     # the same code on the tiny preset, on a CPU
 
+Then padded against packed batches at real size (``fvl.bench.packing``, the recipe-like length mix) under
+each attention implementation in ``PACKING``, with the operators that take each step's time.
+
 Each variant is ``fvl.bench.runner.bench_step`` with config overrides; its figures (ms/step, tokens/s, peak
 GiB, MFU against a bf16 matmul ceiling measured in the same process) go to ``OUT/round2.json`` as they finish,
 so a call that runs out of time keeps what it measured. A variant that needs what the machine lacks
@@ -59,6 +62,26 @@ VARIANTS: list[tuple[str, list[str], dict]] = [
     ),  # fmt: skip
     ("8b_batch2", ["data.batch_size=2", "train.global_batch_size=2"], {"preset": "florence_vl_8b_finetune"}),
 ]
+
+
+# Padded vs packed real tokens/s at real size (the recipe-like length mix of ``fvl.bench.packing``), per
+# attention implementation, with the operators that take the time: why packing gains.
+PACKING = ["sdpa", "flex_attention", "flash_attention_2"]
+
+
+def run_packing(attention: str, tiny: bool) -> dict:
+    config = "tiny" if tiny else "florence_vl_3b_finetune"
+    device = "cpu" if tiny else "cuda"
+    code = (
+        "import json; from fvl.bench.packing import bench_packing; "
+        f"r = bench_packing(samples={8 if tiny else 32}, repeats={1 if tiny else 3}, config={config!r}, "
+        f"device={device!r}, attention={attention!r}, profile=True); print('RESULT ' + json.dumps(r))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    found = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    if res.returncode == 0 and found:
+        return json.loads(found[-1][len("RESULT ") :])
+    return {"attention": attention, "error": (res.stderr.strip().splitlines() or ["(no output)"])[-1][:500]}
 
 
 def kernel_equivalence(model_type: str, device: str = "cuda") -> dict:
@@ -127,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny preset on a CPU: a smoke test")
     parser.add_argument("--anchor", default="", help="path of the anchors' gpu_anchor.py, run first")
     parser.add_argument("--only", nargs="*", default=[], help="labels to run (default: all)")
+    parser.add_argument("--packing", nargs="*", default=None, help="attention implementations for the packing "
+                        "runs (default: all of PACKING; none with --only)")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         shown = (f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.1f} GiB, "
                  f"MFU {r['mfu']:.1%}") if "mfu" in r else f"error: {r['error']}"  # fmt: skip
         print(f"{label}: {shown} ({r['wall_s']:.0f} s)", flush=True)
+    packing = args.packing if args.packing is not None else ([] if args.only else PACKING)
+    for attention in packing:
+        r = run_packing(attention, args.tiny)
+        results.setdefault("packing", []).append(r)
+        (out / "round2.json").write_text(json.dumps(results, indent=1))
+        shown = (
+            f"{r['tokens_per_s_gain']:.2f}x packed vs padded"
+            if "tokens_per_s_gain" in r
+            else f"error: {r['error']}"
+        )
+        print(f"packing, {attention}: {shown}", flush=True)
     return 0
 
 

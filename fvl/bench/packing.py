@@ -67,7 +67,7 @@ def _step_time(model, optimizer, batch, device: str) -> float:
     return time.perf_counter() - start
 
 
-def _model_config(config: str, max_length: int):
+def _model_config(config: str, max_length: int, attention: str = ""):
     """The model of ``config``: the tiny preset with its tower at 384 px (576 tokens an image, as the real
     presets have), or a shipped experiment at real size with random init."""
     from fvl.config import load
@@ -80,6 +80,8 @@ def _model_config(config: str, max_length: int):
         ]
     else:
         overrides = ["model.vision.init=random", "model.llm.init=random", "init_from=null"]
+    if attention:
+        overrides.append(f"model.llm.attn_implementation={attention}")
     return load(config, [*overrides, f"model.text.max_length={max_length}"]).model
 
 
@@ -90,17 +92,23 @@ def bench_packing(
     max_length: int = 2048,
     config: str = "tiny",
     device: str = "cpu",
+    attention: str = "",
+    profile: bool = False,
 ) -> dict:
     """Tokens per second and padding fraction, padded vs packed (see the module docstring). ``config``:
     ``tiny`` or a shipped experiment (``florence_vl_3b_finetune``: real size, random init, bf16 autocast
-    on a GPU, its attention implementation and checkpointing)."""
+    on a GPU, its attention implementation and checkpointing). ``attention``: another
+    ``model.llm.attn_implementation`` (``flex_attention``, ``flash_attention_2``: kernels that skip the
+    blocks a packed row's document mask leaves out; SDPA with a mask computes them). ``profile``: also the
+    ten operators that take the most time in one step of each way (``profile`` in the result), to say where
+    a gain comes from."""
     from fvl.data.packing import collate_packed
     from fvl.inputs.collate import collate
     from fvl.models import build_model
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = build_model(_model_config(config, max_length)).train()
+        model = build_model(_model_config(config, max_length, attention)).train()
     processor = model.processor.with_resize_mode("pad")
     data = _samples(processor, samples, seed=0)
     groups = [data[i : i + batch] for i in range(0, len(data), batch)]
@@ -128,7 +136,24 @@ def bench_packing(
     out["tokens_per_s_gain"] = statistics.median(
         p / q for p, q in zip(seconds["padded"], seconds["packed"], strict=True)
     )
+    if profile:
+        out["profile"] = {
+            way: _top_ops(model, optimizer, batches[0], device) for way, batches in ways.items()
+        }
     return out
+
+
+def _top_ops(model, optimizer, batch: dict, device: str, n: int = 10) -> list[dict]:
+    """The ``n`` operators with the most self time in one step (CUDA time on a GPU, CPU time elsewhere)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        _step_time(model, optimizer, batch, device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
+    return [{"op": e.key, "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events]
 
 
 def _to(batch: dict, device: str) -> dict:

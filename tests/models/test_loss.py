@@ -343,3 +343,23 @@ def test_a_steps_token_count_turns_the_mean_into_that_share_of_the_step(mode, mo
     assert rel_err(share, mean / 4) < RTOL
     assert torch.isnan(model({**batch, "labels": torch.full_like(batch["labels"], -100)}).loss)
     assert nothing.item() == 0.0
+
+
+@pytest.mark.inductor  # flex attention compiles its block mask with inductor (a C++ build on a CPU)
+def test_flex_attention_keeps_packed_samples_apart():
+    """``model.llm.attn_implementation=flex_attention`` (a kernel that skips the blocks a packed row's document
+    mask leaves out: issue 28's GPU packing runs) builds the same per-sample mask from the position ids.
+    Forward only: flex attention has no backward on a CPU."""
+    import warnings
+
+    llm = bare_llm("llama", 256)
+    embeds, labels = lm_inputs(llm, 24, slice(4, 24), B=2)
+    labels[:, 10] = IGNORE_INDEX
+    positions = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1)
+    with torch.no_grad():
+        sdpa = L.causal_lm_loss(llm, embeds, None, labels, position_ids=positions, mode="full").loss
+        llm.set_attn_implementation("flex_attention")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flex attention uncompiled on a CPU: slow, and says so
+            flex = L.causal_lm_loss(llm, embeds, None, labels, position_ids=positions, mode="full").loss
+    assert rel_err(flex, sdpa) < 1e-4
