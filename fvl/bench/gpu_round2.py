@@ -60,6 +60,11 @@ VARIANTS: list[tuple[str, list[str], dict]] = [
         ["trainer.fsdp_gather_dtype=bfloat16", "trainer.precision=bf16-mixed"],
         {"fsdp": True},
     ),  # fmt: skip
+    (
+        "fsdp_cpu_offload_keep32",
+        ["trainer.fsdp_cpu_offload=true", "model.llm.keep_activations=32"],
+        {"fsdp": True},
+    ),
     ("8b_batch2", ["data.batch_size=2", "train.global_batch_size=2"], {"preset": "florence_vl_8b_finetune"}),
 ]
 

@@ -123,7 +123,11 @@ def bench_step(
             data["image_features"] = model.fuse_images(data.pop("pixel_values")).to(torch.bfloat16)
     flops = FlopCounter.of(model).batch(data)
     tokens = data["input_ids"].numel()
-    world, own_group = _shard(model, device, cfg.trainer.fsdp_gather_dtype) if fsdp else (1, False)
+    world, own_group = (
+        _shard(model, device, cfg.trainer.fsdp_gather_dtype, cfg.trainer.fsdp_cpu_offload)
+        if fsdp
+        else (1, False)
+    )
     opt = module.configure_optimizers()["optimizer"]
 
     def step() -> None:
@@ -168,7 +172,7 @@ def bench_step(
     }
 
 
-def _shard(model, device: str, gather_dtype: str = "float32") -> tuple[int, bool]:
+def _shard(model, device: str, gather_dtype: str = "float32", cpu_offload: bool = False) -> tuple[int, bool]:
     """FSDP2 with fvl's units over the processes started (a process group of one without a launcher);
     returns the world size and whether the process group was started here."""
     import os
@@ -190,7 +194,7 @@ def _shard(model, device: str, gather_dtype: str = "float32") -> tuple[int, bool
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    shard_model(model, init_device_mesh(device, (dist.get_world_size(),)), gather_dtype)
+    shard_model(model, init_device_mesh(device, (dist.get_world_size(),)), gather_dtype, cpu_offload)
     return dist.get_world_size(), started
 
 

@@ -126,6 +126,8 @@ class TrainerConfig:
       across a slow network: BENCHMARKS.md, "Many GPUs").
     fsdp_gather_dtype: with ``strategy=fsdp``: ``float32`` gathers the master weights as they are stored;
       ``bfloat16`` gathers (and computes with) bf16 copies, half the bytes, gradients still reduced in float32.
+    fsdp_cpu_offload: with ``strategy=fsdp`` on GPUs: keep the sharded float32 weights, gradients and AdamW's
+      moments in CPU memory (the optimizer steps on the CPU), freeing the GPU's for activations.
     """
 
     max_steps: int = 1000
@@ -138,6 +140,7 @@ class TrainerConfig:
     cpu_threads: int = 0
     fsdp_reduce: str = "micro_batch"
     fsdp_gather_dtype: str = "float32"
+    fsdp_cpu_offload: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0:

@@ -287,7 +287,9 @@ class FVLModule(L.LightningModule):
                     f"trainer.fsdp_gather_dtype=bfloat16 needs bf16-mixed precision; this run resolved "
                     f"trainer.precision to {self.trainer.precision} (set trainer.precision=bf16-mixed)"
                 )
-            shard_model(self.model, self.device_mesh["data_parallel"], gather)
+            shard_model(
+                self.model, self.device_mesh["data_parallel"], gather, self.cfg.trainer.fsdp_cpu_offload
+            )
             self._sharded = True
 
     # ---- optimisation --------------------------------------------------------------------------------------

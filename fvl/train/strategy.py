@@ -78,18 +78,27 @@ def deferred_gradient_sync(module: Any) -> Iterator[None]:
             unit.set_requires_gradient_sync(True, recurse=False)
 
 
-def shard_model(model: FlorenceVL, mesh: Any, gather_dtype: str = "float32") -> FlorenceVL:
+def shard_model(
+    model: FlorenceVL, mesh: Any, gather_dtype: str = "float32", cpu_offload: bool = False
+) -> FlorenceVL:
     """FSDP2: each repeated block its own unit, then the whole model (embeddings, projector, heads).
     ``gather_dtype=bfloat16``: parameters are gathered (and computed with) in bf16, gradients reduced in
-    float32."""
+    float32. ``cpu_offload``: the sharded parameters, their gradients and the optimizer's state live in CPU
+    memory (FSDP2's ``CPUOffloadPolicy``; the optimizer steps there), copied to the GPU unit by unit."""
     import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if gather_dtype not in FSDP_GATHER_DTYPES:
         raise ValueError(
             f"FSDP gather dtype {gather_dtype!r}: expected one of {', '.join(FSDP_GATHER_DTYPES)}"
         )
-    extra = {}
+    extra: dict[str, Any] = {}
+    if cpu_offload:
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "trainer.fsdp_cpu_offload moves state off a GPU's memory: this machine has no GPU"
+            )
+        extra["offload_policy"] = CPUOffloadPolicy()
     if gather_dtype == "bfloat16":
         extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     classes = model.fsdp_wrap_classes()

@@ -210,3 +210,15 @@ def test_the_fsdp_trade_offs_are_checked_keys():
         load("finetune", ["trainer.fsdp_reduce=never"])
     with pytest.raises(ConfigError, match="fsdp_gather_dtype"):
         load("finetune", ["trainer.fsdp_gather_dtype=float16"])
+
+
+def test_fsdp_cpu_offload_is_refused_without_a_gpu(monkeypatch):
+    import torch
+
+    from fvl.models import build_model
+    from fvl.train.strategy import shard_model
+
+    assert load("finetune", ["trainer.fsdp_cpu_offload=true"]).trainer.fsdp_cpu_offload
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no GPU"):
+        shard_model(build_model(load("tiny").model), mesh=None, cpu_offload=True)
