@@ -183,3 +183,28 @@ def test_token_concat_and_average_pooling_take_the_second_tower_too(fusion, toke
     counts = set_trainable(model, stage_trainable("finetune"))
     assert counts["fusion"]["trainable"] == 32 * 64 + 64  # SigLIP's 32 channels mapped to 64, learned
     assert not model.features_frozen()  # a fusion that learns: no feature cache for it
+
+
+def test_the_real_presets_siglip_so400m_on_the_meta_device(tmp_path):
+    """The 3B finetune experiment composed with fusion/florence2_siglip.yaml, at real size (random init, the
+    meta device): SigLIP-so400m's 27 x 27 grid pooled to 24 x 24, 1152 channels beside Florence-2's
+    4 x 1024, float32 trainables."""
+    from tests.fixtures import EXPERIMENTS
+
+    composed = tmp_path / "exp.yaml"
+    parts = [EXPERIMENTS / "florence_vl_3b_finetune.yaml", EXPERIMENTS / "fusion" / "florence2_siglip.yaml"]
+    composed.write_text(f"include: [{', '.join(str(p) for p in parts)}]\n")
+    cfg = load(
+        composed,
+        ["model.vision.init=random", "model.llm.init=random", "model.vision.towers.siglip.init=random"],
+    )
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    counts = set_trainable(model, cfg.stage.trainable)
+    siglip = model.towers["siglip"]
+    assert siglip.num_tokens == 729 and model.num_image_tokens == 576 and model.fusion.output_dim == 5248
+    assert model.processor.transform.size == 768 and siglip.image_size == 384
+    assert abs(sum(p.numel() for p in siglip.parameters()) - 428.2e6) / 428.2e6 < 0.01
+    assert counts["vision.siglip"]["trainable"] == 0 and counts["vision.siglip"]["frozen"] > 0  # stage 2
+    assert "SiglipEncoderLayer" in {c.__name__ for c in model.fsdp_wrap_classes()}
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
