@@ -40,3 +40,10 @@ def test_the_kernel_check_compares_each_kernel_with_the_eager_layers(monkeypatch
     monkeypatch.setattr(kernels, "apply_kernels", scale_norms)
     changed = gpu_round2.kernel_equivalence("llama", device="cpu")
     assert changed["rms_norm"]["logits_rel_diff"] > 1e-3 and changed["swiglu"]["logits_rel_diff"] == 0
+
+
+def test_the_evaluation_cost_runs_fvl_eval_s_predict():
+    from fvl.bench.gpu_round2 import eval_cost
+
+    r = eval_cost(tiny=True, questions=8, batch_size=4)
+    assert r["questions"] == 8 and r["max_new_tokens"] == 16 and r["seconds_per_100"] > 0
