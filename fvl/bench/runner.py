@@ -103,7 +103,7 @@ def bench_step(
     model = module.model
     autocast = cfg.trainer.precision.startswith("bf16")
     batch = batch or cfg.data.batch_size
-    size = model.vision.image_size
+    size = model.processor.transform.size  # the decode every tower reads (the largest tower's size)
     conv = [
         {"from": "human", "value": "<image>\n" + "word " * (text_tokens // 2)},
         {"from": "gpt", "value": "word " * (text_tokens // 2)},

@@ -178,7 +178,7 @@ def pca(args: PCAArgs) -> int:
 
     model = args.target.load_model()
     c = args.pca
-    size = model.vision.image_size
+    size = model.processor.transform.size  # the decode every tower reads (the largest tower's size)
     image = (
         Image.open(c.image).convert("RGB") if c.image else generate(c.index, "test", image_size=size).image
     )

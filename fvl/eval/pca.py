@@ -44,12 +44,25 @@ def feature_pca(feature: torch.Tensor, threshold: float = 0.5) -> tuple[np.ndarr
 def pca_panels(
     model, image: Image.Image, names: list[str] | None = None, threshold: float = 0.5
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    v = model.vision
-    transform = v.transform("square")
-    px = transform.normalize(transform(image))[None]  # the tower itself takes normalised floats
-    feats = v.features(px, names)
-    start = 1 if getattr(v, "keep_pooled_token", False) else 0  # a kept pooled token is not on the grid
-    return {name: feature_pca(f[0, start:], threshold) for name, f in feats.items()}
+    """The first three principal components of each feature of ``names`` (default: every tower's), each on
+    its own tower's grid (no alignment: SigLIP's 27 x 27 stays 27 x 27), as RGB."""
+    from fvl.models.vision.towers import by_tower, tower_input
+
+    decode = model.processor.transform.with_mode("square")
+    pixels = decode(image)[None]  # uint8: each tower makes its own input from it
+    towers = model.all_towers()
+    panels = {}
+    for key, wanted in by_tower(model.cfg.vision, list(names or model.feature_names)).items():
+        tower = towers[key]
+        dtype = next(p.dtype for p in tower.parameters() if p.is_floating_point())
+        feats = tower.features(
+            tower_input(pixels, decode, tower.transform()).to(dtype), [own for _, own in wanted]
+        )
+        start = (
+            1 if getattr(tower, "keep_pooled_token", False) else 0
+        )  # a kept pooled token is not on the grid
+        panels |= {name: feature_pca(feats[own][0, start:].float(), threshold) for name, own in wanted}
+    return panels
 
 
 def write_pca(

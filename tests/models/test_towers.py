@@ -208,3 +208,18 @@ def test_the_real_presets_siglip_so400m_on_the_meta_device(tmp_path):
     assert counts["vision.siglip"]["trainable"] == 0 and counts["vision.siglip"]["frozen"] > 0  # stage 2
     assert "SiglipEncoderLayer" in {c.__name__ for c in model.fsdp_wrap_classes()}
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_pca_and_the_alignment_analysis_see_every_tower(model):
+    from PIL import Image
+
+    from fvl.config.eval import AlignConfig
+    from fvl.eval.align.pairs import encode_pairs
+    from fvl.eval.pca import pca_panels
+
+    panels = pca_panels(model, Image.new("RGB", (80, 60), "red"))
+    assert set(panels) == {"davit", "caption", "ocr", "grounding", "siglip.layer_-2"}
+    grids = {name: panel[0].shape[:2] for name, panel in panels.items()}
+    assert grids["davit"] == (4, 4) and grids["siglip.layer_-2"] == (7, 7)  # each on its own tower's grid
+    pairs = encode_pairs(model, AlignConfig(samples=16, batch_size=8, steps=1, seeds=1))
+    assert pairs.vision["siglip.layer_-2"].shape[1:] == (16, 32)  # on the main tower's grid, as fused

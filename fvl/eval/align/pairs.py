@@ -92,13 +92,12 @@ def _synthetic_pairs(n: int, transform: ImageTransform) -> Iterator[tuple[torch.
 
 
 @torch.no_grad()
-def _encode(
-    model, transform: ImageTransform, batch: list[tuple[torch.Tensor, str]]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _encode(model, batch: list[tuple[torch.Tensor, str]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Vision features and caption embeddings (unit vectors) of one batch of pairs, on the CPU."""
     device = next(model.parameters()).device
-    px = transform.normalize(torch.stack([p for p, _ in batch]).to(device))  # the tower takes floats
-    vision = {name: feat.float().cpu() for name, feat in model.vision.features(px).items()}
+    px = torch.stack([p for p, _ in batch]).to(device)  # uint8: each tower makes its own input from it
+    features = model.tower_features(px, model.feature_names)  # every tower's, on the main tower's grid
+    vision = {name: feat.float().cpu() for name, feat in features.items()}
     enc = model.tokenizer([c for _, c in batch], add_special_tokens=False, padding=True, return_tensors="pt")
     hidden = model.llm(
         input_ids=enc.input_ids.to(device),
@@ -114,7 +113,7 @@ def encode_pairs(model, cfg: AlignConfig) -> PairFeatures:
     """The frozen features of up to ``cfg.samples`` caption pairs: synthetic ones, or the first usable pairs
     of ``cfg.captions``. Raises ValueError when fewer than 2 x batch_size pairs are usable."""
     model.eval()
-    transform = model.vision.transform("square")
+    transform = model.processor.transform.with_mode("square")  # the decode every tower's input comes from
     skipped: Counter[str] = Counter()
     if cfg.captions:
         entries, empty = read_captions(cfg.captions)
@@ -126,7 +125,7 @@ def encode_pairs(model, cfg: AlignConfig) -> PairFeatures:
     text: list[torch.Tensor] = []
     stream = itertools.islice(pairs, cfg.samples)
     while batch := list(itertools.islice(stream, FEATURE_BATCH)):
-        v, t = _encode(model, transform, batch)
+        v, t = _encode(model, batch)
         for name, feat in v.items():
             vision.setdefault(name, []).append(feat)
         text.append(t)
