@@ -108,16 +108,13 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _train_tiny_runs(root) -> dict:
     from fvl.config import load
     from fvl.train.run import train
-    from tests.fixtures import EXPERIMENTS, synthetic_recipe
+    from tests.fixtures import EXPERIMENTS, run_setting
 
     root.mkdir(parents=True, exist_ok=True)
-    synthetic_recipe(root / "recipe.yaml", captions=48, qa=48, per_shard=24)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri, shared = run_setting(root, captions=48, qa=48, per_shard=24)
     common = [
-        f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"output_dir={root / 'runs'}",
-        f"tracking.uri={uri}", "data.batch_size=4", "train.global_batch_size=4", "data.val_samples=0",
-        "data.num_workers=0", "trainer.progress=false", "trainer.max_steps=6", "train.lr=1e-3",
-        "train.warmup_ratio=0", "name=tiny",
+        *shared, f"output_dir={root / 'runs'}", "data.batch_size=4", "train.global_batch_size=4",
+        "trainer.max_steps=6", "train.lr=1e-3", "train.warmup_ratio=0", "name=tiny",
     ]  # fmt: skip
     torch.manual_seed(0)
     runs = {}

@@ -171,6 +171,24 @@ def synthetic_recipe(path: Path, captions: int, qa: int, per_shard: int) -> Path
     return path
 
 
+REAL_PRECISION = [
+    "trainer.precision=bf16-mixed",
+    "model.vision.frozen_dtype=bfloat16",
+    "model.llm.frozen_dtype=bfloat16",
+]
+
+
+def run_setting(root: Path, captions: int, qa: int, per_shard: int) -> tuple[str, list[str]]:
+    """A small synthetic recipe under ``root`` and what every test run on it shares: its recipe and shards,
+    a private MLflow store, no validation, no loader workers, no progress bar. Returns ``(tracking uri,
+    overrides)``."""
+    synthetic_recipe(root / "recipe.yaml", captions=captions, qa=qa, per_shard=per_shard)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    overrides = [f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"tracking.uri={uri}",
+                 "data.val_samples=0", "data.num_workers=0", "trainer.progress=false"]  # fmt: skip
+    return uri, overrides
+
+
 def cache_setting(root: Path, captions: int, qa: int, per_shard: int):
     """What the feature-cache tests start from: a small synthetic recipe with its shards built under ``root``,
     the config overrides that read it, and a seeded tiny finetune model saved as ``root/init.safetensors``.

@@ -74,19 +74,27 @@ VARIANTS: list[tuple[str, list[str], dict]] = [
 PACKING = ["sdpa", "flex_attention", "flash_attention_2"]
 
 
-def run_packing(attention: str, tiny: bool) -> dict:
-    config = "tiny" if tiny else "florence_vl_3b_finetune"
-    device = "cpu" if tiny else "cuda"
+def in_fresh_process(module: str, function: str, **kwargs) -> dict:
+    """``module.function(**kwargs)`` (JSON-able arguments and result) in a new Python process, so that a
+    variant's GPU memory, compiled code and global patches (liger's rotary one) end with it; the result, or
+    ``{"error": ...}`` with the last line the process wrote to stderr."""
     code = (
-        "import json; from fvl.bench.packing import bench_packing; "
-        f"r = bench_packing(samples={8 if tiny else 32}, repeats={1 if tiny else 3}, config={config!r}, "
-        f"device={device!r}, attention={attention!r}, profile=True); print('RESULT ' + json.dumps(r))"
+        f"import json; from {module} import {function}; "
+        f"print('RESULT ' + json.dumps({function}(**{kwargs!r})))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     found = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
     if res.returncode == 0 and found:
         return json.loads(found[-1][len("RESULT ") :])
-    return {"attention": attention, "error": (res.stderr.strip().splitlines() or ["(no output)"])[-1][:500]}
+    return {"error": (res.stderr.strip().splitlines() or ["(no output)"])[-1][:500]}
+
+
+def run_packing(attention: str, tiny: bool) -> dict:
+    return {"attention": attention} | in_fresh_process(
+        "fvl.bench.packing", "bench_packing", samples=8 if tiny else 32, repeats=1 if tiny else 3,
+        config="tiny" if tiny else "florence_vl_3b_finetune", device="cpu" if tiny else "cuda",
+        attention=attention, profile=True,
+    )  # fmt: skip
 
 
 def eval_cost(tiny: bool = False, questions: int = 100, batch_size: int = 32) -> dict:
@@ -163,18 +171,9 @@ def kernel_equivalence(model_type: str, device: str = "cuda") -> dict:
 def run_variant(label: str, overrides: list[str], options: dict, tiny: bool) -> dict:
     """One variant in a fresh Python process; its figures, or the error it ended with."""
     kwargs = {k: v for k, v in options.items() if not (tiny and k == "preset")}
-    code = (
-        "import json, sys; from fvl.bench.runner import bench_step; "
-        f"r = bench_step(tiny={tiny!r}, overrides={overrides!r}, **{kwargs!r}); print('RESULT ' + json.dumps(r))"
-    )
     began = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    found = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-    out = {"label": label, "overrides": overrides, **{k: v for k, v in options.items()}}
-    if res.returncode == 0 and found:
-        out |= json.loads(found[-1][len("RESULT ") :])
-    else:
-        out["error"] = (res.stderr.strip().splitlines() or ["(no output)"])[-1][:500]
+    result = in_fresh_process("fvl.bench.runner", "bench_step", tiny=tiny, overrides=overrides, **kwargs)
+    out = {"label": label, "overrides": overrides, **options, **result}
     out["wall_s"] = time.perf_counter() - began
     return out
 
@@ -198,11 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         results["anchor_returncode"] = res.returncode
     if not args.only:  # the kernels' equivalence first: a variant using them means little without it
         for model_type in ("phi3", "llama"):
-            code = f"import json; from fvl.bench.gpu_round2 import kernel_equivalence; print('RESULT ' + json.dumps(kernel_equivalence({model_type!r})))"
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            found = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-            results[f"kernels_{model_type}"] = (
-                json.loads(found[-1][len("RESULT ") :]) if found else {"error": res.stderr.strip()[-500:]}
+            results[f"kernels_{model_type}"] = in_fresh_process(
+                "fvl.bench.gpu_round2", "kernel_equivalence", model_type=model_type
             )
             print(f"kernels {model_type}: {results[f'kernels_{model_type}']}", flush=True)
     unknown = set(args.only) - {label for label, _, _ in VARIANTS}
@@ -218,13 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"MFU {r['mfu']:.1%}") if "mfu" in r else f"error: {r['error']}"  # fmt: skip
         print(f"{label}: {shown} ({r['wall_s']:.0f} s)", flush=True)
     if not args.only:  # what a benchmark score while training costs on the GPU (README)
-        kwargs = f"tiny={args.tiny!r}" + (", questions=8, batch_size=4" if args.tiny else "")
-        code = f"import json; from fvl.bench.gpu_round2 import eval_cost; print('RESULT ' + json.dumps(eval_cost({kwargs})))"
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        found = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-        results["eval_cost"] = (
-            json.loads(found[-1][len("RESULT ") :]) if found else {"error": res.stderr.strip()[-500:]}
-        )
+        small = {"questions": 8, "batch_size": 4} if args.tiny else {}
+        results["eval_cost"] = in_fresh_process("fvl.bench.gpu_round2", "eval_cost", tiny=args.tiny, **small)
         (out / "round2.json").write_text(json.dumps(results, indent=1))
         print(f"eval cost: {results['eval_cost']}", flush=True)
     packing = args.packing if args.packing is not None else ([] if args.only else PACKING)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fvl.bench.features import timed_alternating
-from fvl.models.vision.towers import align_grid, by_tower, tower_input
+from fvl.models.vision.towers import align_grid, by_tower
 
 FUSION = "fusion/florence2_siglip.yaml"
 
@@ -42,13 +42,10 @@ def bench_towers(tiny: bool = False, batch: int = 2, repeats: int = 3, device: s
     model = build_model(cfg).to(device, dtype).eval()
     size = model.processor.transform.size
     pixels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    towers, main = model.all_towers(), model.processor.transform
     wanted = by_tower(cfg.vision, model.fusion.names)
 
-    def features_of(key: str):
-        tower = towers[key]
-        x = tower_input(pixels, main, tower.transform()).to(dtype)
-        return tower.features(x, [own for _, own in wanted[key]])
+    def features_of(key: str):  # one tower's features, on its own grid (the alignment is timed apart)
+        return model.tower_features(pixels, [name for name, _ in wanted[key]], aligned=False)
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     figures: dict[str, dict] = {}
@@ -66,7 +63,7 @@ def bench_towers(tiny: bool = False, batch: int = 2, repeats: int = 3, device: s
                 "tokens": int(out.shape[1]),
                 "channels": sum(int(f.shape[-1]) for f in outputs[key].values()),
                 "features": [name for name, _ in wanted[key]],
-                "image_size": int(tower_input(pixels[:1], main, towers[key].transform()).shape[-1]),
+                "image_size": int(model.all_towers()[key].image_size),
                 "align_ms": 1000 * (time.perf_counter() - began) / batch,
             }
         seconds = timed_alternating({key: (lambda k=key: features_of(k)) for key in wanted}, repeats, sync)

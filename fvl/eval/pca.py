@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fvl.models.vision.towers import split_name
+
 
 def feature_pca(feature: torch.Tensor, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """``[N, D]`` tokens of a square grid -> (``[h, w, 3]`` RGB in [0, 1], explained variance of the 3 PCs).
@@ -46,22 +48,15 @@ def pca_panels(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The first three principal components of each feature of ``names`` (default: every tower's), each on
     its own tower's grid (no alignment: SigLIP's 27 x 27 stays 27 x 27), as RGB."""
-    from fvl.models.vision.towers import by_tower, tower_input
-
-    decode = model.processor.transform.with_mode("square")
-    pixels = decode(image)[None]  # uint8: each tower makes its own input from it
-    towers = model.all_towers()
+    pixels = model.processor.transform.with_mode("square")(image)[None]  # uint8: each tower's input from it
+    names = list(names or model.feature_names)
     panels = {}
-    for key, wanted in by_tower(model.cfg.vision, list(names or model.feature_names)).items():
-        tower = towers[key]
-        dtype = next(p.dtype for p in tower.parameters() if p.is_floating_point())
-        feats = tower.features(
-            tower_input(pixels, decode, tower.transform()).to(dtype), [own for _, own in wanted]
-        )
+    for name, feature in model.tower_features(pixels, names, aligned=False).items():
+        tower = model.all_towers()[split_name(model.cfg.vision, name)[0]]
         start = (
             1 if getattr(tower, "keep_pooled_token", False) else 0
         )  # a kept pooled token is not on the grid
-        panels |= {name: feature_pca(feats[own][0, start:].float(), threshold) for name, own in wanted}
+        panels[name] = feature_pca(feature[0, start:].float(), threshold)
     return panels
 
 

@@ -89,6 +89,10 @@ class FlorenceVL(nn.Module):
         """Every tower by its name: the main one (``model.vision.name``) first, then ``model.vision.towers``."""
         return {self.cfg.vision.name: self.vision, **dict(self.towers.items())}
 
+    def tower_prefix(self, key: str) -> str:
+        """A tower's key prefix in the state dict: ``vision.`` for the main one, ``towers.<key>.`` beside it."""
+        return "vision." if key == self.cfg.vision.name else f"towers.{key}."
+
     @property
     def feature_names(self) -> list[str]:
         """Every feature the towers can make, in their canonical spelling (``fvl.models.vision.towers``)."""
@@ -106,9 +110,12 @@ class FlorenceVL(nn.Module):
             raise KeyError(f"unknown vision feature {name!r}; the towers have {self.feature_names}")
         return tower.feature_dim(own)
 
-    def tower_features(self, pixels: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    def tower_features(
+        self, pixels: torch.Tensor, names: list[str], aligned: bool = True
+    ) -> dict[str, torch.Tensor]:
         """The features ``names`` of the shared decode ``pixels`` (``uint8``, or normalised floats), each
-        tower given its own input and run once, every feature on the main tower's grid."""
+        tower given its own input and run once; every feature on the main tower's grid (``aligned=False``:
+        each on its own tower's grid, as PCA shows them)."""
         towers, main = self.all_towers(), self.processor.transform
         out: dict[str, torch.Tensor] = {}
         for key, wanted in by_tower(self.cfg.vision, names).items():
@@ -117,7 +124,12 @@ class FlorenceVL(nn.Module):
             x = tower_input(pixels, main, tower.transform()).to(dtype)
             got = tower.features(x, [own for _, own in wanted])
             for name, own in wanted:
-                out[name] = align_grid(got[own], self.vision.num_tokens, self.cfg.vision.grid_resampling)
+                feature = got[own]
+                out[name] = (
+                    align_grid(feature, self.vision.num_tokens, self.cfg.vision.grid_resampling)
+                    if aligned
+                    else feature
+                )
         return out
 
     # ---- vision -> LLM embeddings --------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def set_trainable(
     tower_cfgs = model.cfg.vision.all_towers()
     # (label, module, key prefix, whether it trains, frozen dtype): each tower is a part of ``vision``
     parts = [
-        (f"vision.{t}" if len(towers) > 1 else "vision", tower, _prefix(model, tower),
+        (f"vision.{t}" if len(towers) > 1 else "vision", tower, model.tower_prefix(t),
          "vision" in trainable or f"vision.{t}" in trainable, DTYPES[tower_cfgs[t].frozen_dtype])
         for t, tower in towers.items()
     ]  # fmt: skip
@@ -79,13 +79,6 @@ def set_trainable(
     return counts
 
 
-def _prefix(model: FlorenceVL, tower) -> str:
-    """A tower's key prefix in the model's state dict (``vision.``, ``towers.<key>.``)."""
-    if tower is model.vision:
-        return "vision."
-    return next(f"towers.{k}." for k, t in model.towers.items() if t is tower)
-
-
 def _unused(model: FlorenceVL) -> set[str]:
     """Full names of the tower parameters no fused feature depends on."""
     from fvl.models.vision.towers import by_tower
@@ -94,8 +87,9 @@ def _unused(model: FlorenceVL) -> set[str]:
     wanted = by_tower(model.cfg.vision, model.fusion.names)
     for key, tower in towers.items():
         own = [name for _, name in wanted.get(key, [])]
+        prefix = model.tower_prefix(key)
         if own:
-            unused |= {f"{_prefix(model, tower)}{n}" for n in tower.unused_parameters(own)}
+            unused |= {f"{prefix}{n}" for n in tower.unused_parameters(own)}
         else:  # a tower whose features are all left out of the fusion: nothing of it counts
-            unused |= {f"{_prefix(model, tower)}{n}" for n, _ in tower.named_parameters()}
+            unused |= {f"{prefix}{n}" for n, _ in tower.named_parameters()}
     return unused

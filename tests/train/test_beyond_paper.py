@@ -11,13 +11,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.fixtures import EXPERIMENTS, synthetic_recipe
-
-REAL_PRECISION = [
-    "trainer.precision=bf16-mixed",
-    "model.vision.frozen_dtype=bfloat16",
-    "model.llm.frozen_dtype=bfloat16",
-]
+from tests.fixtures import EXPERIMENTS, REAL_PRECISION, run_setting
 
 
 def _experiment(root, stage: str):
@@ -40,12 +34,11 @@ def test_qwen3_with_siglip_beside_florence2_on_two_ranks_scores_while_training_a
     tmp_path, monkeypatch
 ):
     root = tmp_path
-    synthetic_recipe(root / "recipe.yaml", captions=120, qa=120, per_shard=40)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri, shared = run_setting(root, captions=120, qa=120, per_shard=40)
     common = [
-        f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"output_dir={root / 'runs'}",
-        f"tracking.uri={uri}", "data.batch_size=4", "train.global_batch_size=16",  # 2 ranks x 4 x 2 micro batches
-        "data.val_samples=0", "data.num_workers=0", "trainer.progress=false", "trainer.accelerator=cpu",
+        *shared, f"output_dir={root / 'runs'}", "data.batch_size=4",
+        "train.global_batch_size=16",  # 2 ranks x 4 x 2 micro batches
+        "trainer.accelerator=cpu",
         "trainer.devices=2", "train.checkpoint_every_n_steps=0", "eval.during_training.every_n_steps=2",
         "eval.during_training.limit=8", *REAL_PRECISION,
     ]  # fmt: skip

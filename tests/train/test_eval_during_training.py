@@ -10,20 +10,17 @@ from mlflow.tracking import MlflowClient
 from fvl.config import load
 from fvl.train.eval_during_training import SECONDS_KEY, EvalDuringTraining
 from fvl.train.run import train
-from tests.fixtures import EXPERIMENTS, synthetic_recipe
+from tests.fixtures import EXPERIMENTS, run_setting
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_during")
-    synthetic_recipe(root / "recipe.yaml", captions=100, qa=100, per_shard=50)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri, common = run_setting(root, captions=100, qa=100, per_shard=50)
     overrides = [
-        f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"output_dir={root / 'runs'}",
-        f"tracking.uri={uri}", "data.batch_size=4", "train.global_batch_size=8", "data.val_samples=0",
-        "data.num_workers=0", "trainer.progress=false", "init_from=", "train.lr=1e-3",
-        "eval.during_training.every_n_steps=2", "eval.during_training.limit=14", "eval.batch_size=7",
-        "train.checkpoint_every_n_steps=2",
+        *common, f"output_dir={root / 'runs'}", "data.batch_size=4", "train.global_batch_size=8", "init_from=",
+        "train.lr=1e-3", "eval.during_training.every_n_steps=2", "eval.during_training.limit=14",
+        "eval.batch_size=7", "train.checkpoint_every_n_steps=2",
     ]  # fmt: skip
     return {"root": root, "uri": uri, "overrides": overrides}
 

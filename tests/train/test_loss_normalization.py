@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from fvl.config import load
 from fvl.train.run import train
-from tests.fixtures import EXPERIMENTS, synthetic_recipe
+from tests.fixtures import EXPERIMENTS, run_setting
 
 
 class StepGrads(L.Callback):
@@ -35,11 +35,9 @@ class StepGrads(L.Callback):
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     root = tmp_path_factory.mktemp("lossnorm")
-    synthetic_recipe(root / "recipe.yaml", captions=16, qa=48, per_shard=16)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri, common = run_setting(root, captions=16, qa=48, per_shard=16)
     base = [
-        f"data.recipe={root / 'recipe.yaml'}", f"data.shards={root / 'shards'}", f"tracking.uri={uri}",
-        "init_from=", "data.val_samples=0", "data.num_workers=0", "trainer.progress=false", "trainer.max_steps=1",
+        *common, "init_from=", "trainer.max_steps=1",
         "train.global_batch_size=8", "train.log_every_n_steps=1", "train.warmup_ratio=0", "trainer.accelerator=cpu",
         "data.sources=[synthetic_caption,synthetic_qa]",  # captions and one-word answers: unequal micro batches
     ]  # fmt: skip

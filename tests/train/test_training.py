@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from fvl.config import ConfigError, load
 from fvl.sweep.runner import run_sweep
 from fvl.train.run import train
-from tests.fixtures import EXPERIMENTS, free_port, synthetic_recipe
+from tests.fixtures import EXPERIMENTS, REAL_PRECISION, free_port, synthetic_recipe
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +188,6 @@ def test_resume_continues_the_data_stream(env):
     train(cfg_for(env, "pretrain.yaml", *base, "name=stream", "resume=last"), callbacks=[resumed])
     assert [len(p.ids) for p in (stopped, crashed, resumed)] == [4, 5, 5]  # steps 2 and 5 are mid-epoch
     assert stopped.ids + crashed.ids + resumed.ids == straight.ids
-
-
-REAL_PRECISION = [
-    "trainer.precision=bf16-mixed",
-    "model.vision.frozen_dtype=bfloat16",
-    "model.llm.frozen_dtype=bfloat16",
-]
 
 
 def _corrupt_planned_samples(env, per_rank):
